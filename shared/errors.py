@@ -1,0 +1,43 @@
+"""The project's errors, in one place.
+
+Workers and the conductor only need one distinction: can a retry help (``RetryableError``) or not
+(``TerminalError``). Everything the project raises derives from ``EnrichError``.
+"""
+
+from __future__ import annotations
+
+
+class EnrichError(Exception):
+    """Base class of every error the orchestrator raises on purpose."""
+
+
+class RetryableError(EnrichError):
+    """A transient failure: the same call may succeed later (network, rate limit, 5xx)."""
+
+
+class TerminalError(EnrichError):
+    """A failure that retrying will not fix (bad input, a rejected request)."""
+
+
+class InvalidInput(TerminalError):
+    """The caller's input is wrong: a bad blueprint, a malformed CSV, a bad argument."""
+
+
+class NotFound(TerminalError):
+    """An unknown batch, item or step."""
+
+
+class ConfigurationError(TerminalError):
+    """Settings or the environment are missing or inconsistent."""
+
+
+class StaleAttempt(TerminalError):
+    """The database refused a call for an attempt that is no longer current (fencing)."""
+
+
+class DatabaseUnavailable(RetryableError):
+    """The database could not be reached."""
+
+
+class EmbeddedPostgresError(EnrichError):
+    """The private PostgreSQL cluster could not be initialised, started or stopped."""

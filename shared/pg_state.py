@@ -1,0 +1,221 @@
+"""``StateAPI`` on PostgreSQL, through psycopg 3 (async) and a connection pool.
+
+psycopg rather than SQLAlchemy: every call is one statement calling a SQL function with a JSON
+argument, so an ORM adds a layer and nothing else, and the embedded default needs psycopg's COPY
+and LISTEN/NOTIFY anyway (SQLAlchemy's async PostgreSQL dialects wrap the same drivers).
+``bench/driver_overhead.py`` measures the difference.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from shared.errors import DatabaseUnavailable, EnrichError, InvalidInput, NotFound
+from shared.queries import query
+from shared.state_api import (
+    STATUSES,
+    BatchProgress,
+    ClaimedTask,
+    FailOutcome,
+    Outcome,
+    StartedTask,
+    StepFailure,
+    StepResult,
+    SweptRow,
+    TaskOutcome,
+    TaskRef,
+)
+
+T = TypeVar("T")
+Row = dict[str, Any]
+
+
+def translate_db_error(exc: psycopg.Error) -> EnrichError:
+    """Map a database error to the project's errors by SQLSTATE (set by the State API functions)."""
+    diag = exc.diag
+    message = diag.message_primary or str(exc).strip()
+    if diag.message_hint:
+        message = f"{message} ({diag.message_hint})"
+    if exc.sqlstate == "22023" or isinstance(exc, psycopg.errors.DataError):
+        return InvalidInput(message)
+    if exc.sqlstate == "P0002":
+        return NotFound(message)
+    if isinstance(exc, psycopg.OperationalError):
+        return DatabaseUnavailable(message)
+    return EnrichError(message)
+
+
+def _task(row: Row) -> TaskRef:
+    return TaskRef(row["batch_id"], row["item_id"], row["step_name"], row["attempt"])
+
+
+def _uuid_list(values: Sequence[UUID] | None) -> list[str] | None:
+    return None if values is None else [str(v) for v in values]
+
+
+class PgStateAPI:
+    """The State API over a psycopg async pool. Create with ``await PgStateAPI.open(dsn)``."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, dsn: str, *, min_size: int = 1, max_size: int = 8) -> PgStateAPI:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            kwargs={"autocommit": True},
+            name="enrich-state-api",
+        )
+        try:
+            await pool.open(wait=True, timeout=30)
+        except psycopg.Error as exc:
+            await pool.close()
+            raise translate_db_error(exc) from exc
+        except Exception as exc:  # pool timeout: the database never answered
+            await pool.close()
+            raise DatabaseUnavailable(f"cannot connect to the database: {exc}") from exc
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def __aenter__(self) -> PgStateAPI:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _rows(self, name: str, params: Mapping[str, Any]) -> list[Row]:
+        try:
+            async with self._pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(query(name), params)
+                return await cur.fetchall()
+        except psycopg.Error as exc:
+            raise translate_db_error(exc) from exc
+
+    async def _each(self, name: str, params: Mapping[str, Any], build: Callable[[Row], T]) -> list[T]:
+        return [build(row) for row in await self._rows(name, params)]
+
+    async def create_batch(
+        self,
+        blueprint: Sequence[str],
+        items: Sequence[Mapping[str, Any]],
+        *,
+        client_id: UUID | None = None,
+        name: str | None = None,
+    ) -> UUID:
+        rows = await self._rows(
+            "create_batch",
+            {
+                "blueprint": Jsonb(list(blueprint)),
+                "items": Jsonb(list(items)),
+                "client_id": client_id,
+                "name": name,
+            },
+        )
+        batch_id: UUID = rows[0]["batch_id"]
+        return batch_id
+
+    async def claim(
+        self,
+        limit: int,
+        *,
+        step_names: Sequence[str] | None = None,
+        batch_ids: Sequence[UUID] | None = None,
+    ) -> list[ClaimedTask]:
+        params = {
+            "limit": limit,
+            "step_names": None if step_names is None else list(step_names),
+            "batch_ids": _uuid_list(batch_ids),
+        }
+        return await self._each(
+            "claim_steps",
+            params,
+            lambda r: ClaimedTask(
+                _task(r), r["modal_function_name"], r["step_type"], r["lease_expires_at"]
+            ),
+        )
+
+    async def start(self, tasks: Sequence[TaskRef]) -> list[StartedTask]:
+        return await self._each(
+            "start_steps",
+            {"tasks": Jsonb([t.to_json() for t in tasks])},
+            lambda r: StartedTask(_task(r), Outcome(r["outcome"]), r["raw_data"], r["config"]),
+        )
+
+    async def complete(self, results: Sequence[StepResult]) -> list[TaskOutcome]:
+        payload = [{**r.task.to_json(), "result": dict(r.result)} for r in results]
+        return await self._each(
+            "complete_steps",
+            {"results": Jsonb(payload, dumps=_dumps)},
+            lambda r: TaskOutcome(_task(r), Outcome(r["outcome"])),
+        )
+
+    async def fail(self, failures: Sequence[StepFailure]) -> list[FailOutcome]:
+        payload = [
+            {**f.task.to_json(), "error": f.error, "retryable": f.retryable} for f in failures
+        ]
+        return await self._each(
+            "fail_steps",
+            {"failures": Jsonb(payload)},
+            lambda r: FailOutcome(_task(r), Outcome(r["outcome"]), r["status"]),
+        )
+
+    async def heartbeat(self, tasks: Sequence[TaskRef]) -> list[TaskOutcome]:
+        return await self._each(
+            "heartbeat_steps",
+            {"tasks": Jsonb([t.to_json() for t in tasks])},
+            lambda r: TaskOutcome(_task(r), Outcome(r["outcome"])),
+        )
+
+    async def sweep_expired_leases(self, limit: int = 10_000) -> list[SweptRow]:
+        return await self._each(
+            "sweep_expired_leases", {"limit": limit}, lambda r: SweptRow(_task(r), r["status"])
+        )
+
+    async def retry_failed(self, batch_id: UUID, step_name: str | None = None) -> int:
+        rows = await self._rows("retry_failed", {"batch_id": batch_id, "step_name": step_name})
+        return int(rows[0]["retried"])
+
+    async def cancel_batch(self, batch_id: UUID) -> int:
+        rows = await self._rows("cancel_batch", {"batch_id": batch_id})
+        return int(rows[0]["cancelled"])
+
+    async def batch_progress(self, batch_id: UUID) -> BatchProgress:
+        rows = await self._rows("batch_progress", {"batch_id": batch_id})
+        return progress_from_json(rows[0]["progress"])
+
+
+def progress_from_json(data: Mapping[str, Any]) -> BatchProgress:
+    """Build a BatchProgress from batch_progress()'s JSON, steps in blueprint order."""
+    steps_json: Mapping[str, Mapping[str, int]] = data["steps"]
+    steps = {
+        step: {status: int(steps_json[step].get(status, 0)) for status in STATUSES}
+        for step in data["blueprint"]
+    }
+    return BatchProgress(
+        batch_id=UUID(str(data["batch_id"])),
+        name=data.get("name"),
+        status=str(data["status"]),
+        items=int(data["items"]),
+        cancelled=bool(data["cancelled"]),
+        steps=steps,
+    )
+
+
+def _dumps(obj: Any) -> str:
+    # Step results may carry values json cannot encode natively (UUIDs, datetimes): keep them as text
+    # rather than failing the whole bulk completion.
+    return json.dumps(obj, default=str)

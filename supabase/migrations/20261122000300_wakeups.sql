@@ -1,0 +1,51 @@
+-- Wake-ups: one pg_notify per statement that changes workflow_states, never one per row.
+--
+-- Channel `enrichment_state_changed`, payload {"op", "batch_ids": [...], "ready": n, "finished": n,
+-- "more_batches": bool}. Only statements that make rows ready (PENDING) or finish them (COMPLETED,
+-- FAILED) notify: claims, starts and heartbeats are the conductor's and workers' own doing and
+-- would only wake the conductor for nothing. Notifications are delivered at commit, and identical
+-- ones within a transaction are folded by PostgreSQL. They are a hint, never the only path: the
+-- conductor also sweeps on a timer.
+
+create function public.notify_state_change() returns trigger
+language plpgsql
+security definer
+set search_path = public, pg_temp
+as $$
+declare
+  v_ready bigint;
+  v_finished bigint;
+  v_batch_ids jsonb;
+  v_batches bigint;
+begin
+  select count(*) filter (where c.status = 'PENDING'),
+         count(*) filter (where c.status in ('COMPLETED', 'FAILED'))
+    into v_ready, v_finished
+  from changed c;
+  if v_ready = 0 and v_finished = 0 then
+    return null;
+  end if;
+  -- pg_notify payloads are limited to 8000 bytes: name at most 100 batches.
+  select coalesce(jsonb_agg(x.batch_id), '[]'::jsonb), max(x.total)
+    into v_batch_ids, v_batches
+  from (select b.batch_id, count(*) over () as total
+        from (select distinct c.batch_id from changed c) b limit 100) x;
+  perform pg_notify('enrichment_state_changed', jsonb_build_object(
+    'op', tg_op,
+    'batch_ids', v_batch_ids,
+    'more_batches', coalesce(v_batches, 0) > 100,
+    'ready', v_ready,
+    'finished', v_finished)::text);
+  return null;
+end
+$$;
+
+create trigger workflow_states_notify_insert
+  after insert on public.workflow_states
+  referencing new table as changed
+  for each statement execute function public.notify_state_change();
+
+create trigger workflow_states_notify_update
+  after update on public.workflow_states
+  referencing new table as changed
+  for each statement execute function public.notify_state_change();

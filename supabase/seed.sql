@@ -1,0 +1,16 @@
+-- Built-in steps. Idempotent: a step already registered (and perhaps tuned) is left as it is.
+insert into public.enrichment_registry (step_name, type, modal_function_name, results_table, config, description)
+values
+  ('step_a', 'SYNC', 'step_a', 'step_a_results',
+   '{"sleep_ms": 50, "timeout_seconds": 60, "max_attempts": 3, "backoff_seconds": 1}',
+   'Tracer-bullet shell: sleeps config.sleep_ms, then completes. config.fail_every makes attempts fail.'),
+  ('step_b', 'SYNC', 'step_b', 'step_b_results',
+   '{"sleep_ms": 50, "timeout_seconds": 60, "max_attempts": 3, "backoff_seconds": 1}',
+   'Tracer-bullet shell: sleeps config.sleep_ms, then completes. config.fail_every makes attempts fail.'),
+  ('normalize_domain', 'SYNC', 'normalize_domain', 'normalize_domain_results',
+   '{"timeout_seconds": 60, "max_attempts": 2, "backoff_seconds": 1}',
+   'Registrable domain from the website, domain, URL or email fields (offline public suffix list).'),
+  ('clean_company_name', 'SYNC', 'clean_company_name', 'clean_company_name_results',
+   '{"timeout_seconds": 60, "max_attempts": 2, "backoff_seconds": 1}',
+   'Company name without legal suffixes and noise, casing repaired.')
+on conflict (step_name) do nothing;
