@@ -1,0 +1,1 @@
+"""The ``enrich`` command line."""

@@ -1,0 +1,402 @@
+"""The embedded default: a private PostgreSQL cluster under ``<enrich_home>/pg``.
+
+It uses the machine's PostgreSQL server binaries, listens on a unix socket only (no TCP port to
+collide with or expose), and trusts local connections: the socket directory is private (mode 0700)
+to the user that owns the cluster. PostgreSQL refuses to run as root, so as root the cluster belongs
+to the ``postgres`` OS user and every server command runs through ``runuser -u postgres --``.
+
+Starting is idempotent and safe when several processes start it at once (an ``fcntl`` lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import pwd
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import psycopg
+from psycopg import sql
+
+from shared.errors import EmbeddedPostgresError
+from shared.settings import Settings, get_settings
+
+DEFAULT_DATABASE = "enrich"
+SUPERUSER = "postgres"
+PORT = 5432
+SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
+INSTALL_HINT = "install the PostgreSQL server, e.g. `apt-get install postgresql`"
+# sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+START_TIMEOUT_S = 60
+LOG_TAIL_LINES = 30
+
+# Appended to postgresql.conf after initdb. A dev-machine cluster, not a production one.
+SERVER_CONFIG = """
+# --- enrich: private dev cluster -------------------------------------------------------------
+listen_addresses = ''
+unix_socket_directories = '{socket_dir}'
+unix_socket_permissions = 0700
+port = {port}
+max_connections = 200
+shared_buffers = 256MB
+# synchronous_commit=off is safe here: a crash of the app loses nothing (a commit it saw is in the
+# server). A crash of the server or the OS loses at most the last ~0.6 s (3 x wal_writer_delay)
+# of commits, never consistency (fsync stays on): those are state transitions, which the fencing
+# (attempt) and lease logic retries, so no work is lost, only redone.
+synchronous_commit = off
+fsync = on
+log_min_messages = warning
+log_line_prefix = '%m [%p] '
+"""
+
+
+@dataclass(frozen=True)
+class EmbeddedStatus:
+    """What ``EmbeddedPostgres.status()`` reports."""
+
+    running: bool
+    initialized: bool
+    pid: int | None
+    data_dir: Path
+    dsn: str
+    version: str | None
+    bin_dir: Path | None
+
+
+def find_bin_dir(configured: Path | None = None, data_dir: Path | None = None) -> Path:
+    """Locate the directory holding ``initdb``, ``pg_ctl`` and ``postgres``.
+
+    Order: ``configured`` (ENRICH_PG_BIN); the Debian directory of the major version an existing
+    ``data_dir`` was created with; ``pg_config --bindir``; the newest ``/usr/lib/postgresql/*/bin``;
+    ``PATH``.
+    """
+    if configured is not None:
+        if _has_server_binaries(configured):
+            return configured
+        raise EmbeddedPostgresError(
+            f"ENRICH_PG_BIN={configured} does not hold {', '.join(SERVER_BINARIES)}"
+        )
+    candidates: list[Path] = []
+    if data_dir is not None and (data_dir / "PG_VERSION").is_file():
+        major = (data_dir / "PG_VERSION").read_text().strip()
+        candidates.append(Path("/usr/lib/postgresql") / major / "bin")
+    pg_config = shutil.which("pg_config")
+    if pg_config is not None:
+        try:
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
+            )
+            candidates.append(Path(out.stdout.strip()))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    candidates.extend(_debian_bin_dirs())
+    on_path = shutil.which("initdb")
+    if on_path is not None:
+        candidates.append(Path(on_path).resolve().parent)
+    for candidate in candidates:
+        if _has_server_binaries(candidate):
+            return candidate
+    raise EmbeddedPostgresError(
+        "no PostgreSQL server binaries (initdb, pg_ctl, postgres) found: "
+        f"{INSTALL_HINT}, or set ENRICH_PG_BIN to their directory, or set DATABASE_URL"
+    )
+
+
+def _debian_bin_dirs() -> list[Path]:
+    root = Path("/usr/lib/postgresql")
+    if not root.is_dir():
+        return []
+
+    def key(p: Path) -> tuple[int, ...]:
+        return tuple(int(n) for n in re.findall(r"\d+", p.name)) or (0,)
+
+    return [d / "bin" for d in sorted(root.iterdir(), key=key, reverse=True)]
+
+
+def _has_server_binaries(bin_dir: Path) -> bool:
+    return all(os.access(bin_dir / name, os.X_OK) for name in SERVER_BINARIES)
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL cluster: ``<home>/pg/{data,run,postgres.log}``."""
+
+    def __init__(
+        self,
+        home: Path | None = None,
+        *,
+        bin_dir: Path | None = None,
+        database: str = DEFAULT_DATABASE,
+        settings: Settings | None = None,
+    ) -> None:
+        cfg = settings or get_settings()
+        self.home = (home or cfg.enrich_home).absolute()
+        self.cluster_dir = self.home / "pg"
+        self.data_dir = self.cluster_dir / "data"
+        self.socket_dir = self.cluster_dir / "run"
+        self.log_file = self.cluster_dir / "postgres.log"
+        self.lock_file = self.home / "pg.lock"
+        self.database = database
+        self._configured_bin_dir = bin_dir if bin_dir is not None else cfg.pg_bin_dir
+        self._bin_dir: Path | None = None
+
+    # -- public API --------------------------------------------------------------------------
+
+    @property
+    def dsn(self) -> str:
+        """The DSN of ``self.database`` (valid once the cluster runs)."""
+        return self.dsn_for(self.database)
+
+    def dsn_for(self, database: str) -> str:
+        host = quote(str(self.socket_dir), safe="/")
+        return f"postgresql://{SUPERUSER}@/{quote(database, safe='')}?host={host}&port={PORT}"
+
+    @property
+    def bin_dir(self) -> Path:
+        if self._bin_dir is None:
+            self._bin_dir = find_bin_dir(self._configured_bin_dir, self.data_dir)
+        return self._bin_dir
+
+    def start(self) -> str:
+        """Initialise (first time) and start the cluster, create the database; return its DSN.
+
+        A no-op when it already runs. Safe to call from several processes at once.
+        """
+        self._check_socket_path()
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            owner = self._owner()
+            self._prepare_dirs(owner)
+            if not (self.data_dir / "PG_VERSION").is_file():
+                self._initdb()
+            if not self._is_running():
+                self._pg_ctl_start()
+            self._create_database()
+        return self.dsn
+
+    def stop(self) -> bool:
+        """Stop the cluster (``pg_ctl stop -m fast``); return whether it was running."""
+        if not (self.data_dir / "PG_VERSION").is_file():
+            return False
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            if not self._is_running():
+                return False
+            result = self._run_pg(
+                [
+                    str(self.bin_dir / "pg_ctl"),
+                    "stop",
+                    "-D",
+                    str(self.data_dir),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    str(START_TIMEOUT_S),
+                ],
+            )
+            if result.returncode != 0:
+                raise EmbeddedPostgresError(
+                    f"pg_ctl stop failed ({result.returncode}): {result.stderr.strip()}"
+                )
+            return True
+
+    def status(self) -> EmbeddedStatus:
+        """Whether the cluster runs, its postmaster pid, data dir, DSN and server version."""
+        initialized = (self.data_dir / "PG_VERSION").is_file()
+        try:
+            bin_dir: Path | None = self.bin_dir
+        except EmbeddedPostgresError:
+            bin_dir = None
+        running = initialized and bin_dir is not None and self._is_running()
+        return EmbeddedStatus(
+            running=running,
+            initialized=initialized,
+            pid=self._postmaster_pid() if running else None,
+            data_dir=self.data_dir,
+            dsn=self.dsn,
+            version=self._version(bin_dir),
+            bin_dir=bin_dir,
+        )
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last ``lines`` lines of the server log ('' when there is none)."""
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_socket_path(self) -> None:
+        socket_path = self.socket_dir / f".s.PGSQL.{PORT}"
+        if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+            raise EmbeddedPostgresError(
+                f"the socket path {socket_path} is {len(os.fsencode(socket_path))} bytes, over the "
+                f"{MAX_SOCKET_PATH}-byte limit of unix sockets: set ENRICH_HOME to a shorter path"
+            )
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _owner(self) -> pwd.struct_passwd | None:
+        """The OS user to run the server as: None for the current user, ``postgres`` as root."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            return pwd.getpwnam(SUPERUSER)
+        except KeyError:
+            raise EmbeddedPostgresError(
+                "PostgreSQL refuses to run as root and there is no `postgres` OS user to run it "
+                f"as: {INSTALL_HINT} (it creates that user), or run as an unprivileged user"
+            ) from None
+
+    def _prepare_dirs(self, owner: pwd.struct_passwd | None) -> None:
+        for d in (self.cluster_dir, self.socket_dir):
+            d.mkdir(mode=0o700, exist_ok=True)
+            if owner is not None:
+                os.chown(d, owner.pw_uid, owner.pw_gid)
+            os.chmod(d, 0o700)
+        if owner is not None:
+            probe = subprocess.run(
+                ["runuser", "-u", owner.pw_name, "--", "test", "-w", str(self.cluster_dir)],
+                capture_output=True,
+                check=False,
+            )
+            if probe.returncode != 0:
+                raise EmbeddedPostgresError(
+                    f"the `{owner.pw_name}` OS user cannot reach {self.cluster_dir}: make its "
+                    f"parent directories traversable (chmod o+x) or set ENRICH_HOME elsewhere "
+                    f"(the default as root is /var/lib/enrich)"
+                )
+
+    def _run_pg(
+        self, argv: Sequence[str], *, timeout: float = START_TIMEOUT_S + 30
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a server command as the cluster's owner (via runuser when we are root)."""
+        cmd = list(argv)
+        owner = self._owner()
+        if owner is not None:
+            cmd = ["runuser", "-u", owner.pw_name, "--", *cmd]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["LC_ALL"] = "C"
+        try:
+            return subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=timeout,
+                cwd=self.cluster_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise EmbeddedPostgresError(f"{' '.join(cmd)} failed: {exc}") from exc
+
+    def _initdb(self) -> None:
+        if self.data_dir.exists() and any(self.data_dir.iterdir()):
+            raise EmbeddedPostgresError(
+                f"{self.data_dir} is not empty but holds no PostgreSQL cluster: remove it"
+            )
+        result = self._run_pg(
+            [
+                str(self.bin_dir / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
+        )
+        if result.returncode != 0:
+            raise EmbeddedPostgresError(
+                f"initdb failed ({result.returncode}):\n{result.stderr.strip()}"
+            )
+        conf = SERVER_CONFIG.format(socket_dir=self.socket_dir, port=PORT)
+        with (self.data_dir / "postgresql.conf").open("a") as fh:
+            fh.write(conf)
+
+    def _is_running(self) -> bool:
+        if not (self.data_dir / "postmaster.pid").exists():
+            return False
+        result = self._run_pg([str(self.bin_dir / "pg_ctl"), "status", "-D", str(self.data_dir)])
+        return result.returncode == 0
+
+    def _pg_ctl_start(self) -> None:
+        result = self._run_pg(
+            [
+                str(self.bin_dir / "pg_ctl"),
+                "start",
+                "-w",
+                "-t",
+                str(START_TIMEOUT_S),
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self.log_file),
+            ],
+        )
+        if result.returncode != 0:
+            raise EmbeddedPostgresError(
+                f"PostgreSQL did not start ({result.returncode}): {result.stderr.strip()}\n"
+                f"--- last lines of {self.log_file} ---\n{self.log_tail()}"
+            )
+
+    def _create_database(self) -> None:
+        try:
+            with psycopg.connect(self.dsn_for("postgres"), autocommit=True) as conn:
+                exists = conn.execute(
+                    "select 1 from pg_database where datname = %s", (self.database,)
+                ).fetchone()
+                if exists is None:
+                    # Another process not holding our lock may create it meanwhile.
+                    with contextlib.suppress(psycopg.errors.DuplicateDatabase):
+                        conn.execute(
+                            sql.SQL("create database {}").format(sql.Identifier(self.database))
+                        )
+        except psycopg.OperationalError as exc:
+            raise EmbeddedPostgresError(
+                f"cannot connect to the private cluster: {exc}\n"
+                f"--- last lines of {self.log_file} ---\n{self.log_tail()}"
+            ) from exc
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            first = (self.data_dir / "postmaster.pid").read_text().splitlines()[0]
+            return int(first)
+        except (OSError, IndexError, ValueError):
+            return None
+
+    @staticmethod
+    def _version(bin_dir: Path | None) -> str | None:
+        if bin_dir is None:
+            return None
+        try:
+            out = subprocess.run(
+                [str(bin_dir / "postgres"), "--version"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=10,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip().removeprefix("postgres (PostgreSQL) ") or None
