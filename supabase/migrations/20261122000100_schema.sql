@@ -62,16 +62,17 @@ create table public.batch_items (
   seq bigint generated always as identity,
   raw_data jsonb not null
     constraint batch_items_raw_data_object check (jsonb_typeof(raw_data) = 'object'),
-  created_at timestamptz not null default now()
+  created_at timestamptz not null default now(),
+  -- The target of the composite foreign keys below: deleting items cascades through indexes that
+  -- start with batch_id, and a state or result row can never name an item of another batch.
+  constraint batch_items_batch_id_id_key unique (batch_id, id)
 );
 create index batch_items_batch_seq on public.batch_items (batch_id, seq);
 
 create table public.workflow_states (
   id bigint generated always as identity primary key,
-  -- No foreign key to batches: item_id's key implies the batch and cascades from it, and one check
-  -- fewer per row matters when a million rows are seeded in one statement.
   batch_id uuid not null,
-  item_id uuid not null references public.batch_items (id) on delete cascade,
+  item_id uuid not null,
   step_name text not null references public.enrichment_registry (step_name),
   step_index integer not null constraint workflow_states_step_index check (step_index >= 0),
   status public.workflow_status not null default 'PENDING',
@@ -88,11 +89,14 @@ create table public.workflow_states (
   updated_at timestamptz not null default now(),
   meta jsonb not null default '{}'::jsonb
     constraint workflow_states_meta_object check (jsonb_typeof(meta) = 'object'),
-  constraint workflow_states_batch_item_step_key unique (batch_id, item_id, step_name)
+  constraint workflow_states_batch_item_step_key unique (batch_id, item_id, step_name),
+  constraint workflow_states_item_fkey foreign key (batch_id, item_id)
+    references public.batch_items (batch_id, id) on delete cascade
 ) with (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
 
--- The claim query: ready rows, oldest first.
-create index workflow_states_ready on public.workflow_states (run_after, id) where status = 'PENDING';
+-- The claim query: ready rows, later blueprint steps first, then oldest first (see claim_steps).
+create index workflow_states_ready on public.workflow_states (step_index desc, run_after, id)
+  where status = 'PENDING';
 -- The lease sweep.
 create index workflow_states_leased on public.workflow_states (lease_expires_at)
   where status in ('QUEUED', 'IN_PROGRESS');
@@ -109,7 +113,7 @@ create index workflow_states_failed_batch on public.workflow_states (batch_id, s
 
 create table public.step_a_results (
   batch_id uuid not null,
-  item_id uuid not null references public.batch_items (id) on delete cascade,
+  item_id uuid not null,
   attempt integer not null,
   result jsonb not null,
   slept_ms integer generated always as (
@@ -117,16 +121,17 @@ create table public.step_a_results (
   ) stored,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
-  primary key (batch_id, item_id)
+  primary key (batch_id, item_id),
+  foreign key (batch_id, item_id) references public.batch_items (batch_id, id) on delete cascade
 );
 
 create table public.step_b_results (like public.step_a_results including all);
 alter table public.step_b_results
-  add foreign key (item_id) references public.batch_items (id) on delete cascade;
+  add foreign key (batch_id, item_id) references public.batch_items (batch_id, id) on delete cascade;
 
 create table public.normalize_domain_results (
   batch_id uuid not null,
-  item_id uuid not null references public.batch_items (id) on delete cascade,
+  item_id uuid not null,
   attempt integer not null,
   result jsonb not null,
   domain text generated always as (result ->> 'domain') stored,
@@ -135,13 +140,14 @@ create table public.normalize_domain_results (
   source_field text generated always as (result ->> 'source_field') stored,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
-  primary key (batch_id, item_id)
+  primary key (batch_id, item_id),
+  foreign key (batch_id, item_id) references public.batch_items (batch_id, id) on delete cascade
 );
 create index normalize_domain_results_domain on public.normalize_domain_results (domain);
 
 create table public.clean_company_name_results (
   batch_id uuid not null,
-  item_id uuid not null references public.batch_items (id) on delete cascade,
+  item_id uuid not null,
   attempt integer not null,
   result jsonb not null,
   name text generated always as (result ->> 'name') stored,
@@ -149,5 +155,6 @@ create table public.clean_company_name_results (
   source_field text generated always as (result ->> 'source_field') stored,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
-  primary key (batch_id, item_id)
+  primary key (batch_id, item_id),
+  foreign key (batch_id, item_id) references public.batch_items (batch_id, id) on delete cascade
 );

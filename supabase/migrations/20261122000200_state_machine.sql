@@ -74,14 +74,25 @@ begin
         using errcode = '22023', hint = 'create it in a migration first, keyed by (batch_id, item_id)';
     end if;
     select string_agg(c, ', ') into v_missing
-    from unnest(array['batch_id', 'item_id', 'attempt', 'result']) c
+    from unnest(array['batch_id', 'item_id', 'attempt', 'result', 'updated_at']) c
     where not exists (
       select 1 from pg_attribute a
       where a.attrelid = format('public.%I', new.results_table)::regclass
         and a.attname = c and not a.attisdropped);
     if v_missing is not null then
       raise exception 'step "%": results table public.% lacks column(s) %',
-        new.step_name, new.results_table, v_missing using errcode = '22023';
+        new.step_name, new.results_table, v_missing using errcode = '22023',
+        hint = 'complete_steps upserts (batch_id, item_id, attempt, result, updated_at)';
+    end if;
+    -- complete_steps upserts ON CONFLICT (batch_id, item_id): that needs a unique key on exactly it.
+    if not exists (
+      select 1 from pg_index i
+      where i.indrelid = format('public.%I', new.results_table)::regclass and i.indisunique
+        and i.indpred is null
+        and (select array_agg(a.attname::text order by a.attname) from pg_attribute a
+             where a.attrelid = i.indrelid and a.attnum = any(i.indkey)) = array['batch_id', 'item_id']) then
+      raise exception 'step "%": results table public.% needs a primary key or unique key on (batch_id, item_id)',
+        new.step_name, new.results_table using errcode = '22023';
     end if;
   end if;
   new.updated_at := now();
@@ -182,9 +193,11 @@ begin
   from (select n.batch_id, count(*) as n from new_items n group by n.batch_id) c
   where b.id = c.batch_id;
 
+  -- In input order: state ids break claim ties, so the first rows of a list are worked first.
   insert into workflow_states (batch_id, item_id, step_name, step_index)
   select n.batch_id, n.id, b.blueprint ->> 0, 0
-  from new_items n join batches b on b.id = n.batch_id;
+  from new_items n join batches b on b.id = n.batch_id
+  order by n.seq;
   return null;
 end
 $$;
@@ -307,8 +320,11 @@ begin
 end
 $$;
 
--- Claims up to p_limit ready rows (PENDING, run_after passed), oldest first, skipping rows another
--- claimer holds, and returns what dispatch needs. Concurrent claimers never get the same row.
+-- Claims up to p_limit ready rows (PENDING, run_after passed), skipping rows another claimer holds,
+-- and returns what dispatch needs. Concurrent claimers never get the same row.
+-- Order: later blueprint steps first, then oldest first. Depth-first moves items through the whole
+-- pipeline as soon as their previous step completes (a short hand-off, finished items early)
+-- instead of finishing step 1 for every item before any item starts step 2.
 create function public.claim_steps(
   p_limit integer default 100,
   p_step_names text[] default null,
@@ -336,7 +352,7 @@ begin
     where ws.status = 'PENDING' and ws.run_after <= now()
       and (p_step_names is null or ws.step_name = any(p_step_names))
       and (p_batch_ids is null or ws.batch_id = any(p_batch_ids))
-    order by ws.run_after, ws.id
+    order by ws.step_index desc, ws.run_after, ws.id
     limit p_limit
     for update skip locked
   ), claimed as (
