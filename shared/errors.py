@@ -6,6 +6,9 @@ Workers and the conductor only need one distinction: can a retry help (``Retryab
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class EnrichError(Exception):
     """Base class of every error the orchestrator raises on purpose."""
@@ -33,6 +36,14 @@ class ConfigurationError(TerminalError):
 
 class StaleAttempt(TerminalError):
     """The database refused a call for an attempt that is no longer current (fencing)."""
+
+
+class DispatchError(RetryableError):
+    """Some claimed rows could not be sent to workers: ``unsent`` lists them, the rest were sent."""
+
+    def __init__(self, message: str, unsent: Sequence[Any]) -> None:
+        super().__init__(message)
+        self.unsent = list(unsent)
 
 
 class DatabaseUnavailable(RetryableError):

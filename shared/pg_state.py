@@ -101,11 +101,14 @@ class PgStateAPI:
             async with self._pool.connection() as conn:
                 cur = conn.cursor(row_factory=dict_row)
                 await cur.execute(query(name), params)
-                return await cur.fetchall()
+                rows: list[Row] = await cur.fetchall()
+                return rows
         except psycopg.Error as exc:
             raise translate_db_error(exc) from exc
 
-    async def _each(self, name: str, params: Mapping[str, Any], build: Callable[[Row], T]) -> list[T]:
+    async def _each(
+        self, name: str, params: Mapping[str, Any], build: Callable[[Row], T]
+    ) -> list[T]:
         return [build(row) for row in await self._rows(name, params)]
 
     async def create_batch(
@@ -180,6 +183,18 @@ class PgStateAPI:
             lambda r: TaskOutcome(_task(r), Outcome(r["outcome"])),
         )
 
+    async def release(self, tasks: Sequence[TaskRef], reason: str) -> list[TaskOutcome]:
+        return await self._each(
+            "release_steps",
+            {"tasks": Jsonb([{**t.to_json(), "reason": reason} for t in tasks])},
+            lambda r: TaskOutcome(_task(r), Outcome(r["outcome"])),
+        )
+
+    async def mark_dispatched(self, dispatches: Sequence[tuple[TaskRef, str]]) -> int:
+        payload = [{**task.to_json(), "call_id": call_id} for task, call_id in dispatches]
+        rows = await self._rows("mark_dispatched", {"dispatches": Jsonb(payload)})
+        return int(rows[0]["marked"])
+
     async def sweep_expired_leases(self, limit: int = 10_000) -> list[SweptRow]:
         return await self._each(
             "sweep_expired_leases", {"limit": limit}, lambda r: SweptRow(_task(r), r["status"])
@@ -216,6 +231,6 @@ def progress_from_json(data: Mapping[str, Any]) -> BatchProgress:
 
 
 def _dumps(obj: Any) -> str:
-    # Step results may carry values json cannot encode natively (UUIDs, datetimes): keep them as text
+    # Step results may carry values json cannot encode (UUIDs, datetimes): keep them as text
     # rather than failing the whole bulk completion.
     return json.dumps(obj, default=str)

@@ -14,7 +14,9 @@ def load_queries() -> dict[str, str]:
     text = resources.files("shared").joinpath("sql/queries.sql").read_text(encoding="utf-8")
     parts = _HEADER.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
-    queries = {name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2])}
+    queries = {
+        name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)
+    }
     return queries
 
 

@@ -166,6 +166,10 @@ class BatchProgress:
 class StateAPI(Protocol):
     """Every state change of the orchestrator. Implementations: ``shared.pg_state.PgStateAPI``."""
 
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
     async def create_batch(
         self,
         blueprint: Sequence[str],
@@ -184,7 +188,7 @@ class StateAPI(Protocol):
         step_names: Sequence[str] | None = None,
         batch_ids: Sequence[UUID] | None = None,
     ) -> list[ClaimedTask]:
-        """Claim up to ``limit`` ready rows (QUEUED, attempt + 1). Concurrent claimers never overlap."""
+        """Claim up to ``limit`` ready rows (QUEUED, attempt + 1); claimers never overlap."""
         ...
 
     async def start(self, tasks: Sequence[TaskRef]) -> list[StartedTask]:
@@ -201,6 +205,14 @@ class StateAPI(Protocol):
 
     async def heartbeat(self, tasks: Sequence[TaskRef]) -> list[TaskOutcome]:
         """Extend the lease of IN_PROGRESS rows; a refusal means the attempt is over."""
+        ...
+
+    async def release(self, tasks: Sequence[TaskRef], reason: str) -> list[TaskOutcome]:
+        """Hand unfinished rows back (PENDING now, attempt refunded): used on clean shutdown."""
+        ...
+
+    async def mark_dispatched(self, dispatches: Sequence[tuple[TaskRef, str]]) -> int:
+        """Record each row's dispatch id (e.g. the Modal call id) in its meta."""
         ...
 
     async def sweep_expired_leases(self, limit: int = 10_000) -> list[SweptRow]:

@@ -33,3 +33,9 @@ select public.cancel_batch(%(batch_id)s) as cancelled;
 
 -- name: batch_progress
 select public.batch_progress(%(batch_id)s) as progress;
+
+-- name: release_steps
+select batch_id, item_id, step_name, attempt, outcome from public.release_steps(%(tasks)s);
+
+-- name: mark_dispatched
+select public.mark_dispatched(%(dispatches)s) as marked;

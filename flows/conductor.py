@@ -1,0 +1,57 @@
+"""The conductor as a Prefect flow: one pass of ``shared.conductor.conduct``, then exit.
+
+Deployed with an event trigger (a state change in the database) and a one-minute schedule (the
+safety sweep). It holds no state between runs and never sees business data: ids, step names,
+attempts and function names only. Overlapping runs are safe: claims skip locked rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+from uuid import UUID
+
+from prefect import flow, get_run_logger
+
+from flows.dispatchers import ModalDispatcher, modal_function_lookup
+from shared.conductor import Dispatcher, conduct
+from shared.settings import get_settings
+from shared.state_api import StateAPI
+from shared.state_factory import open_state_api
+
+
+def make_dispatcher(kind: str, api: StateAPI) -> Dispatcher:
+    if kind == "modal":
+        settings = get_settings()
+        return ModalDispatcher(api, modal_function_lookup(settings.modal_app_name))
+    raise ValueError(f"unknown dispatcher {kind!r}; expected 'modal'")
+
+
+@flow(name="enrichment-conductor", retries=0, timeout_seconds=600, validate_parameters=True)
+async def conductor(
+    batch_ids: list[str] | None = None,
+    dispatcher: str = "modal",
+    claim_limit: int = 1000,
+    max_rows: int = 50_000,
+) -> dict[str, Any]:
+    """Sweep expired leases, claim every ready row (up to ``max_rows``), dispatch, exit."""
+    logger = get_run_logger()
+    api = await open_state_api()
+    try:
+        report = await conduct(
+            api,
+            make_dispatcher(dispatcher, api),
+            claim_limit=claim_limit,
+            max_rows=max_rows,
+            batch_ids=[UUID(b) for b in batch_ids] if batch_ids else None,
+        )
+    finally:
+        await api.close()
+    logger.info(
+        "conductor pass: swept %d, claimed %d, dispatched %d, dispatch failures %d",
+        report.swept,
+        report.claimed,
+        report.dispatched,
+        report.dispatch_failures,
+    )
+    return asdict(report)

@@ -1,0 +1,70 @@
+"""Dispatchers for the conductor flow. Modal lives here, at the edge, never in ``shared``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, cast
+
+from shared.errors import DispatchError
+from shared.state_api import ClaimedTask, StateAPI
+
+
+class SpawnCall(Protocol):
+    object_id: str
+
+
+class SpawnMethod(Protocol):
+    async def aio(self, *args: Any, **kwargs: Any) -> SpawnCall: ...
+
+
+class SpawnableFunction(Protocol):
+    spawn: SpawnMethod
+
+
+def modal_function_lookup(app_name: str) -> Callable[[str], SpawnableFunction]:
+    """Deployed Modal functions by name. ``from_name`` is lazy: nothing is contacted until spawn."""
+    import modal
+
+    cache: dict[str, SpawnableFunction] = {}
+
+    def lookup(function_name: str) -> SpawnableFunction:
+        if function_name not in cache:
+            function = modal.Function.from_name(app_name, function_name)
+            cache[function_name] = cast(SpawnableFunction, function)
+        return cache[function_name]
+
+    return lookup
+
+
+class ModalDispatcher:
+    """Spawns the deployed Modal function named by the registry, one call per chunk of rows (Modal's
+    ``spawn_map`` returns no call ids, and a chunk per call keeps the State API calls bulk), and
+    records each call id in the rows' meta. Never waits for the work."""
+
+    def __init__(
+        self,
+        api: StateAPI,
+        lookup: Callable[[str], SpawnableFunction],
+        *,
+        chunk_size: int = 100,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
+        self._api = api
+        self._lookup = lookup
+        self._chunk_size = chunk_size
+
+    def capacity(self) -> int | None:
+        return None  # Modal scales out; the flow bounds a run with max_rows
+
+    async def dispatch(self, function_name: str, claimed: Sequence[ClaimedTask]) -> None:
+        function = self._lookup(function_name)
+        for i in range(0, len(claimed), self._chunk_size):
+            chunk = claimed[i : i + self._chunk_size]
+            try:
+                call = await function.spawn.aio([c.task.to_json() for c in chunk])
+            except Exception as exc:
+                raise DispatchError(
+                    f"spawning {function_name} failed: {type(exc).__name__}: {exc}", claimed[i:]
+                ) from exc
+            await self._api.mark_dispatched([(c.task, call.object_id) for c in chunk])

@@ -1,0 +1,100 @@
+"""The conductor's pass: sweep expired leases, claim ready rows, hand them to a dispatcher, exit.
+
+Stateless and data-agnostic: it sees ids, step names, attempts and function names, never raw_data
+or results. Any number of passes may overlap (claims use FOR UPDATE SKIP LOCKED), so the Prefect
+flow, ``enrich run`` and ``enrich serve`` all call this same function.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+from uuid import UUID
+
+from shared.errors import DispatchError
+from shared.state_api import ClaimedTask, StateAPI, StepFailure
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher(Protocol):
+    """Sends claimed rows to workers without waiting for the work to finish."""
+
+    def capacity(self) -> int | None:
+        """How many more rows it can take now; None when it does not limit (Modal scales out)."""
+        ...
+
+    async def dispatch(self, function_name: str, claimed: Sequence[ClaimedTask]) -> None:
+        """Send rows of one step function. Raises DispatchError naming the rows it could not
+        send; any other exception means none was sent."""
+        ...
+
+
+@dataclass
+class PassReport:
+    swept: int = 0
+    claimed: int = 0
+    dispatched: int = 0
+    dispatch_failures: int = 0
+    by_function: dict[str, int] = field(default_factory=dict)
+
+
+def group_by_function(claimed: Sequence[ClaimedTask]) -> dict[str, list[ClaimedTask]]:
+    groups: dict[str, list[ClaimedTask]] = defaultdict(list)
+    for row in claimed:
+        groups[row.function_name].append(row)
+    return dict(groups)
+
+
+async def conduct(
+    api: StateAPI,
+    dispatcher: Dispatcher,
+    *,
+    claim_limit: int = 1000,
+    max_rows: int | None = None,
+    batch_ids: Sequence[UUID] | None = None,
+    sweep: bool = True,
+) -> PassReport:
+    """One conductor pass. Claims until nothing is ready, the dispatcher is full or ``max_rows``."""
+    report = PassReport()
+    if sweep:
+        report.swept = len(await api.sweep_expired_leases())
+    while True:
+        room = dispatcher.capacity()
+        limit = claim_limit if room is None else min(claim_limit, room)
+        if max_rows is not None:
+            limit = min(limit, max_rows - report.claimed)
+        if limit <= 0:
+            break
+        claimed = await api.claim(limit, batch_ids=batch_ids)
+        if not claimed:
+            break
+        report.claimed += len(claimed)
+        for function_name, rows in group_by_function(claimed).items():
+            unsent: list[ClaimedTask] = []
+            error: Exception | None = None
+            try:
+                await dispatcher.dispatch(function_name, rows)
+            except DispatchError as exc:
+                unsent, error = exc.unsent, exc
+            except Exception as exc:
+                unsent, error = rows, exc
+            if unsent:
+                # Not sent: give the rows back for a prompt retry instead of waiting out the lease.
+                log.error("dispatch of %d rows to %s failed: %s", len(unsent), function_name, error)
+                report.dispatch_failures += len(unsent)
+                await api.fail(
+                    [
+                        StepFailure(r.task, f"dispatch to {function_name} failed: {error}")
+                        for r in unsent
+                    ]
+                )
+            sent = len(rows) - len(unsent)
+            report.dispatched += sent
+            report.by_function[function_name] = report.by_function.get(function_name, 0) + sent
+        if len(claimed) < limit:
+            break
+    return report
