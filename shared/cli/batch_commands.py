@@ -1,0 +1,338 @@
+"""``enrich batch create|list`` and ``enrich status``: batches from the command line.
+
+Output conventions: what a script consumes goes to stdout (the new batch id, alone on the last line;
+``--json`` documents), everything for a human reading along (header mapping, warnings, progress)
+goes to stderr. Exit codes: 0 success, 1 an unknown batch or a database problem, 2 bad input (a bad
+CSV, an unknown step, an invalid UUID), with nothing written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+from uuid import UUID
+
+import click
+import psycopg
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from shared.db.connect import resolve_dsn
+from shared.errors import EnrichError, InvalidInput, NotFound
+from shared.importer import DELIMITER_NAMES, ImportProgress, ImportReport, import_csv
+from shared.pg_state import PgStateAPI, translate_db_error
+from shared.settings import get_settings
+from shared.state_api import STATUSES, BatchProgress
+
+T = TypeVar("T")
+
+EXIT_NOT_FOUND = 1
+EXIT_BAD_INPUT = 2
+SHOW_SKIPPED = 20
+# Files above this size get a live progress bar (on a terminal).
+PROGRESS_BAR_BYTES = 2_000_000
+
+# Recent batches with their counts. Every item has exactly one "frontier" row (its active step, its
+# FAILED step, or its COMPLETED last step), so completed = items - active - failed, and both counts
+# use the partial indexes of workflow_states: no scan of a million-row batch.
+LIST_BATCHES = """
+select b.id, b.name, b.status::text as status, b.item_count, b.blueprint, b.created_at,
+       b.cancelled_at is not null as cancelled,
+       (select count(*) from public.workflow_states ws
+        where ws.batch_id = b.id and ws.status in ('PENDING', 'QUEUED', 'IN_PROGRESS')) as active,
+       (select count(*) from public.workflow_states ws
+        where ws.batch_id = b.id and ws.status = 'FAILED') as failed
+from public.batches b
+where %(client_id)s::uuid is null or b.client_id = %(client_id)s::uuid
+order by b.created_at desc, b.id
+limit %(limit)s
+"""
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout() -> Console:
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = 200  # piped or redirected: never truncate ids to 80 columns
+    return console
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    _stderr().print(Text.assemble(("error: ", "bold red"), message))
+    sys.exit(code)
+
+
+def _run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine; show the project's errors as one message with the documented exit code."""
+    try:
+        return asyncio.run(coro_fn())
+    except InvalidInput as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    except NotFound as exc:
+        _fail(str(exc), EXIT_NOT_FOUND)
+    except EnrichError as exc:
+        _fail(f"{type(exc).__name__}: {exc}", 1)
+    except psycopg.Error as exc:
+        _fail(str(translate_db_error(exc)), 1)
+
+
+async def _dsn() -> str:
+    return await resolve_dsn()
+
+
+# enrich batch ... ---------------------------------------------------------------------------------
+
+
+@click.group("batch")
+def batch() -> None:
+    """Batches: create one from a CSV file, list recent ones."""
+
+
+@batch.command("create")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--steps",
+    required=True,
+    metavar="STEP[,STEP...]",
+    help="The blueprint: registered steps to run on every row, in order.",
+)
+@click.option("--client-id", type=click.UUID, help="Owner of the batch (default ENRICH_CLIENT_ID).")
+@click.option("--name", help="A name for the batch (default: the file name).")
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Import the valid rows and report malformed ones (default: refuse the whole file).",
+)
+@click.option(
+    "--delimiter",
+    type=click.Choice(["comma", "semicolon", "tab", "pipe"]),
+    help="Field separator (default: sniffed from the file).",
+)
+def batch_create(
+    file: Path,
+    steps: str,
+    client_id: UUID | None,
+    name: str | None,
+    skip_invalid: bool,
+    delimiter: str | None,
+) -> None:
+    """Create a batch from FILE.csv: one item per row, each starting the blueprint.
+
+    Prints the batch id on stdout (alone on the last line); the header mapping, warnings and
+    skipped rows go to stderr. Nothing is written when the file or the steps are refused.
+    """
+    err = _stderr()
+    sep = {v: k for k, v in DELIMITER_NAMES.items()}.get(delimiter) if delimiter else None
+    owner = client_id if client_id is not None else get_settings().client_id
+    try:
+        size = file.stat().st_size
+    except OSError:
+        size = 0
+    show_bar = err.is_terminal and size >= PROGRESS_BAR_BYTES
+
+    async def go() -> ImportReport:
+        dsn = await _dsn()
+        if not show_bar:
+            return await import_csv(
+                dsn,
+                file,
+                steps,
+                client_id=owner,
+                name=name or file.name,
+                skip_invalid=skip_invalid,
+                delimiter=sep,
+            )
+        with Progress(
+            TextColumn("importing {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("bytes"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(file.name, total=size)
+
+            def on_progress(p: ImportProgress) -> None:
+                bar.update(task, completed=p.bytes_read)
+
+            return await import_csv(
+                dsn,
+                file,
+                steps,
+                client_id=owner,
+                name=name or file.name,
+                skip_invalid=skip_invalid,
+                delimiter=sep,
+                progress=on_progress,
+                progress_every=20_000,
+            )
+
+    report = _run(go)
+    _print_import_report(err, file, report)
+    click.echo(str(report.batch_id))
+
+
+def _print_import_report(err: Console, file: Path, report: ImportReport) -> None:
+    notes = [f"delimiter: {DELIMITER_NAMES.get(report.delimiter, report.delimiter)}"]
+    if report.bom:
+        notes.append("UTF-8 BOM stripped")
+    err.print(Text(f"{file.name} ({', '.join(notes)})", style="bold"))
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    table.add_column("column")
+    table.add_column("key")
+    table.add_column("")
+    for col in report.headers.columns:
+        table.add_row(col.header, col.key, "mapped" if col.mapped else "unmapped (kept as is)")
+    err.print(table)
+    for warning in report.warnings:
+        err.print(Text.assemble(("warning: ", "yellow"), warning))
+    if report.skipped:
+        err.print(Text(f"skipped rows ({report.rows_skipped}):", style="yellow"))
+        for bad in report.skipped[:SHOW_SKIPPED]:
+            err.print(Text(f"  {bad}"))
+        if report.rows_skipped > SHOW_SKIPPED:
+            err.print(Text(f"  ... and {report.rows_skipped - SHOW_SKIPPED} more"))
+    blank = f", {report.blank_lines} blank line(s) ignored" if report.blank_lines else ""
+    err.print(
+        Text.assemble(
+            ("imported ", "green"),
+            f"{report.rows_imported:,} row(s)",
+            f", {report.rows_skipped:,} skipped{blank}; steps: {' -> '.join(report.steps)} "
+            f"({report.seconds:.1f}s)",
+        )
+    )
+
+
+@batch.command("list")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--client-id", type=click.UUID, help="Only this client's batches.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array on stdout.")
+def batch_list(limit: int, client_id: UUID | None, as_json: bool) -> None:
+    """Recent batches, newest first, with their status and counts."""
+
+    async def go() -> list[dict[str, Any]]:
+        dsn = await _dsn()
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+            await cur.execute(LIST_BATCHES, {"limit": limit, "client_id": client_id})
+            return await cur.fetchall()
+
+    rows = _run(go)
+    batches = [_batch_summary(row) for row in rows]
+    if as_json:
+        click.echo(json.dumps(batches, indent=2))
+        return
+    if not batches:
+        _stderr().print(
+            "no batches yet: create one with `enrich batch create FILE.csv --steps ...`"
+        )
+        return
+    table = Table(header_style="bold")
+    for heading in ("batch", "name", "status", "items", "completed", "failed", "steps", "created"):
+        numeric = heading in ("items", "completed", "failed")
+        table.add_column(heading, justify="right" if numeric else "left")
+    for b in batches:
+        status = b["status"] + (" (cancelled)" if b["cancelled"] else "")
+        table.add_row(
+            b["batch_id"],
+            b["name"] or "",
+            Text(status, style=_STATUS_STYLE.get(b["status"], "")),
+            f"{b['items']:,}",
+            f"{b['completed']:,}",
+            f"{b['failed']:,}",
+            ",".join(b["steps"]),
+            b["created_at"][:16].replace("T", " "),
+        )
+    _stdout().print(table)
+
+
+def _batch_summary(row: dict[str, Any]) -> dict[str, Any]:
+    items = int(row["item_count"])
+    active = int(row["active"])
+    failed = int(row["failed"])
+    created: datetime = row["created_at"]
+    return {
+        "batch_id": str(row["id"]),
+        "name": row["name"],
+        "status": row["status"],
+        "items": items,
+        "completed": max(items - active - failed, 0),
+        "failed": failed,
+        "steps": list(row["blueprint"]),
+        "cancelled": bool(row["cancelled"]),
+        "created_at": created.isoformat(),
+    }
+
+
+_STATUS_STYLE = {"PENDING": "", "IN_PROGRESS": "cyan", "COMPLETED": "green", "FAILED": "red"}
+
+
+# enrich status ------------------------------------------------------------------------------------
+
+
+@click.command("status")
+@click.argument("batch_id", metavar="BATCH", type=click.UUID)
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON on stdout.")
+def status(batch_id: UUID, as_json: bool) -> None:
+    """Progress of BATCH: counts per blueprint step and status."""
+
+    async def go() -> BatchProgress:
+        return await fetch_progress(await _dsn(), batch_id)
+
+    progress = _run(go)
+    if as_json:
+        click.echo(json.dumps(progress.to_json()))
+        return
+    print_progress(_stdout(), progress)
+
+
+async def fetch_progress(dsn: str, batch_id: UUID) -> BatchProgress:
+    api = await PgStateAPI.open(dsn, min_size=1, max_size=1)
+    async with api:
+        return await api.batch_progress(batch_id)
+
+
+def print_progress(console: Console, progress: BatchProgress) -> None:
+    """The human view of ``enrich status``: a header line and one table row per step."""
+    name = f" {progress.name!r}" if progress.name else ""
+    status_text = progress.status + (" (cancelled)" if progress.cancelled else "")
+    console.print(
+        Text.assemble(
+            ("batch ", "bold"),
+            (str(progress.batch_id), "bold"),
+            name,
+            ": ",
+            (status_text, _STATUS_STYLE.get(progress.status, "")),
+        )
+    )
+    console.print(
+        f"items {progress.items:,}  completed {progress.items_completed:,}  "
+        f"failed {progress.items_failed:,}"
+    )
+    table = Table(header_style="bold")
+    table.add_column("step")
+    for s in STATUSES:
+        table.add_column(s, justify="right")
+    for step, counts in progress.steps.items():
+        table.add_row(step, *(f"{counts.get(s, 0):,}" for s in STATUSES))
+    console.print(table)
+
+
+def register_batch_commands(group: click.Group) -> None:
+    """Add ``batch`` and ``status`` to the ``enrich`` group."""
+    group.add_command(batch)
+    group.add_command(status)
+
+
+__all__ = ["batch", "fetch_progress", "print_progress", "register_batch_commands", "status"]

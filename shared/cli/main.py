@@ -1,0 +1,120 @@
+"""``enrich``: the command line. For now only ``enrich db up|status|down``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from functools import wraps
+from typing import ParamSpec, TypeVar
+
+import click
+
+from shared.cli.batch_commands import register_batch_commands
+from shared.db.embedded import EmbeddedPostgres
+from shared.db.migrate import migrate_sync
+from shared.db.migrate import status as migration_status
+from shared.errors import EnrichError
+from shared.settings import get_settings
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Show the project's errors as one clean message and exit 1, without a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except EnrichError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="enrich-orchestrator")
+def main() -> None:
+    """Data-enrichment orchestrator: PostgreSQL is the source of truth."""
+
+
+@main.group()
+def db() -> None:
+    """The database: the private cluster (default) or DATABASE_URL."""
+
+
+@db.command("up")
+@_friendly_errors
+def db_up() -> None:
+    """Start the private cluster (unless DATABASE_URL is set) and apply pending migrations."""
+    settings = get_settings()
+    dsn = settings.database_dsn
+    if dsn is None:
+        cluster = EmbeddedPostgres(settings=settings)
+        dsn = cluster.start()
+        click.echo(f"private cluster running: {cluster.data_dir}")
+        shown = dsn
+    else:
+        shown = settings.database_url_masked or ""
+        click.echo("using DATABASE_URL")
+    applied = migrate_sync(dsn)
+    if applied:
+        click.echo(f"applied {len(applied)} migration(s): {', '.join(applied)}")
+    else:
+        click.echo("migrations: up to date")
+    click.echo(f"DATABASE_URL={shown}")
+
+
+@db.command("status")
+@_friendly_errors
+def db_status() -> None:
+    """Show the private cluster (or DATABASE_URL) and applied / pending migrations."""
+    settings = get_settings()
+    dsn = settings.database_dsn
+    if dsn is None:
+        st = EmbeddedPostgres(settings=settings).status()
+        state = (
+            f"running (pid {st.pid})"
+            if st.running
+            else ("stopped" if st.initialized else "not initialised")
+        )
+        click.echo(f"private cluster: {state}")
+        click.echo(f"  data dir: {st.data_dir}")
+        click.echo(f"  dsn:      {st.dsn}")
+        click.echo(f"  server:   PostgreSQL {st.version or 'not found'} ({st.bin_dir or '-'})")
+        if not st.running:
+            return
+        dsn = st.dsn
+    else:
+        click.echo(f"DATABASE_URL: {settings.database_url_masked}")
+    report = asyncio.run(migration_status(dsn))
+    click.echo(f"migrations applied: {len(report.applied)}")
+    for mig in report.pending:
+        click.echo(f"  pending: {mig.version} {mig.name}")
+    if not report.pending:
+        click.echo("  none pending")
+    for version in report.unknown:
+        click.echo(f"  applied but not in this checkout: {version}")
+
+
+@db.command("down")
+@_friendly_errors
+def db_down() -> None:
+    """Stop the private cluster."""
+    settings = get_settings()
+    if settings.database_dsn is not None:
+        click.echo("DATABASE_URL is set: there is no private cluster to stop")
+        return
+    cluster = EmbeddedPostgres(settings=settings)
+    if cluster.stop():
+        click.echo(f"private cluster stopped: {cluster.data_dir}")
+    else:
+        click.echo("private cluster was not running")
+
+
+register_batch_commands(main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,722 @@
+"""Stream a CSV file into a new batch, in one transaction, with bounded memory.
+
+The file is read line by line and each row goes straight into ``COPY batch_items (batch_id,
+raw_data) FROM STDIN``: a million-row file never sits in memory, and the ``batch_items`` insert
+trigger seeds every item's first step as PENDING in the same statement. Nothing is written unless
+the whole import succeeds (the batch row, the items and their first steps commit together).
+
+What is checked, before anything is written: the blueprint's steps against ``enrichment_registry``,
+the encoding (UTF-8; a BOM is stripped), the delimiter (sniffed among ``, ; TAB |``) and the header
+(normalised to lower_snake_case keys, well-known aliases mapped to canonical keys, empty or
+duplicate names refused). While streaming: rows with more or fewer fields than the header and
+broken quoting are malformed; by default one malformed row refuses the whole import (the error
+lists the first ones with their line numbers), with ``skip_invalid=True`` they are skipped and
+reported. Blank lines are ignored, values are trimmed and empty values dropped from ``raw_data``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import difflib
+import json
+import os
+import re
+import time
+import unicodedata
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+from uuid import UUID
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from shared.errors import InvalidInput
+from shared.pg_state import translate_db_error
+
+# Canonical keys and the normalised headers that mean them. A header that normalises to the
+# canonical key itself is "mapped" too (it is a key the steps know).
+CANONICAL_ALIASES: Mapping[str, tuple[str, ...]] = {
+    "name": (
+        "company",
+        "company_name",
+        "account",
+        "account_name",
+        "organization",
+        "organisation",
+        "organization_name",
+        "organisation_name",
+        "org_name",
+        "business_name",
+        "legal_name",
+    ),
+    "website": (
+        "website_url",
+        "company_website",
+        "company_website_url",
+        "url",
+        "homepage",
+        "home_page",
+        "web",
+        "web_site",
+        "site",
+        "company_url",
+        "website_address",
+    ),
+    "domain": ("company_domain", "domain_name", "website_domain", "email_domain", "root_domain"),
+    "linkedin_url": (
+        "linkedin",
+        "company_linkedin",
+        "company_linkedin_url",
+        "linkedin_company_url",
+        "linkedin_profile",
+        "linkedin_page",
+    ),
+    "email": (
+        "work_email",
+        "email_address",
+        "e_mail",
+        "business_email",
+        "contact_email",
+        "company_email",
+    ),
+    "phone": ("phone_number", "company_phone", "telephone", "tel"),
+    "country": ("company_country", "hq_country", "headquarters_country", "country_name"),
+    "city": ("company_city", "hq_city", "headquarters_city", "town"),
+    "state": ("region", "province", "company_state", "hq_state", "state_region"),
+    "industry": ("sector", "company_industry", "vertical", "industries"),
+    "employees": (
+        "employee_count",
+        "employees_count",
+        "num_employees",
+        "number_of_employees",
+        "no_of_employees",
+        "nb_employees",
+        "headcount",
+        "company_size",
+        "staff_count",
+        "estimated_num_employees",
+    ),
+    "revenue": ("annual_revenue", "company_revenue", "estimated_revenue"),
+    "description": ("company_description", "short_description", "about"),
+    "founded_year": ("founded", "year_founded", "founded_in"),
+}
+
+ALIASES: Mapping[str, str] = {
+    alias: canonical
+    for canonical, aliases in CANONICAL_ALIASES.items()
+    for alias in (canonical, *aliases)
+}
+
+DELIMITERS = (",", ";", "\t", "|")
+DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
+MAX_REPORTED_ERRORS = 20  # bad rows listed in a refusal
+MAX_KEPT_SKIPPED = 1000  # skipped rows kept in a report (the count is always exact)
+SNIFF_BYTES = 64 * 1024
+COPY_CHUNK_CHARS = 256 * 1024
+DEFAULT_PROGRESS_EVERY = 10_000
+
+_CAMEL_1 = re.compile(r"([a-z0-9])([A-Z])")
+_CAMEL_2 = re.compile(r"([A-Z]+)([A-Z][a-z])")
+_LINKEDIN = re.compile(r"linked[\s_-]?in", re.IGNORECASE)
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+_REGISTRY_STEPS = "select step_name from public.enrichment_registry order by step_name"
+_INSERT_BATCH = (
+    "insert into public.batches (client_id, name, blueprint, meta)"
+    " values (coalesce(%(client_id)s, public.request_client_id(),"
+    " '00000000-0000-0000-0000-000000000000'::uuid), %(name)s, %(blueprint)s, %(meta)s)"
+    " returning id"
+)
+_COPY_ITEMS = "copy public.batch_items (batch_id, raw_data) from stdin"
+_UPDATE_META = (
+    "update public.batches set meta = meta || %(meta)s, updated_at = now() where id = %(id)s"
+)
+
+
+# Headers ------------------------------------------------------------------------------------------
+
+
+def normalise_header(header: str) -> str:
+    """``"Company Name"`` -> ``company_name``, ``"LinkedIn URL"`` -> ``linkedin_url``,
+    ``"companyName"`` -> ``company_name``, ``"# Employees"`` -> ``num_employees``."""
+    text = unicodedata.normalize("NFKD", header.replace("\ufeff", "").strip())
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    text = _LINKEDIN.sub("linkedin", text)
+    text = text.replace("#", " num ").replace("%", " pct ").replace("&", " and ")
+    text = _CAMEL_2.sub(r"\1_\2", _CAMEL_1.sub(r"\1_\2", text))
+    return _NON_ALNUM.sub("_", text.lower()).strip("_")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One CSV column: its header as written and the ``raw_data`` key its values go under."""
+
+    index: int
+    header: str
+    key: str
+    mapped: bool  # key is a canonical key (directly or through an alias)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMap:
+    columns: tuple[Column, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(c.key for c in self.columns)
+
+    @property
+    def mapped(self) -> dict[str, str]:
+        """Header -> canonical key, for headers recognised as a well-known field."""
+        return {c.header: c.key for c in self.columns if c.mapped}
+
+    @property
+    def unmapped(self) -> dict[str, str]:
+        """Header -> key, for headers kept as they are (normalised only)."""
+        return {c.header: c.key for c in self.columns if not c.mapped}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mapped": self.mapped, "unmapped": self.unmapped, "warnings": list(self.warnings)}
+
+
+def map_headers(headers: Sequence[str]) -> HeaderMap:
+    """Normalise and map a header row. Raises InvalidInput for empty or duplicate names.
+
+    When several headers mean the same canonical field, one spelled exactly as the canonical key
+    wins, else the first one; the others keep their normalised names (with a warning).
+    """
+    normalised = [normalise_header(h) for h in headers]
+    empty = [i + 1 for i, key in enumerate(normalised) if not key]
+    if empty:
+        where = ", ".join(
+            f"column {i} ({headers[i - 1].strip()!r})" if headers[i - 1].strip() else f"column {i}"
+            for i in empty
+        )
+        raise InvalidInput(
+            f"the header row has {len(empty)} empty or unusable column name(s): {where}; "
+            "name every column (or delete the empty ones)"
+        )
+    seen: dict[str, int] = {}
+    for i, key in enumerate(normalised):
+        if key in seen:
+            first = seen[key]
+            raise InvalidInput(
+                f"duplicate column {key!r}: column {first + 1} ({headers[first].strip()!r}) and "
+                f"column {i + 1} ({headers[i].strip()!r}) have the same name once normalised to "
+                "lower_snake_case; rename one of them"
+            )
+        seen[key] = i
+
+    owner: dict[str, int] = {}  # canonical key -> the column index that gets it
+    for i, key in enumerate(normalised):
+        if key in CANONICAL_ALIASES:
+            owner[key] = i
+    for i, key in enumerate(normalised):
+        canonical = ALIASES.get(key)
+        if canonical is not None and canonical not in owner:
+            owner[canonical] = i
+
+    columns: list[Column] = []
+    warnings: list[str] = []
+    for i, (header, key) in enumerate(zip(headers, normalised, strict=True)):
+        canonical = ALIASES.get(key)
+        if canonical is not None and owner[canonical] == i:
+            columns.append(Column(i, header.strip(), canonical, True))
+            continue
+        if canonical is not None:
+            other = headers[owner[canonical]].strip()
+            warnings.append(
+                f"{header.strip()!r} would also map to {canonical!r}, which {other!r} already "
+                f"provides: kept as {key!r}"
+            )
+        columns.append(Column(i, header.strip(), key, False))
+    return HeaderMap(tuple(columns), tuple(warnings))
+
+
+# Reading ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BadRow:
+    line: int  # the CSV line the record starts on (1 = the header)
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class ImportProgress:
+    rows_read: int
+    rows_imported: int
+    rows_skipped: int
+    bytes_read: int
+    total_bytes: int
+
+
+ProgressCallback = Callable[[ImportProgress], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ImportReport:
+    batch_id: UUID
+    rows_imported: int
+    rows_skipped: int
+    skipped: tuple[BadRow, ...]  # the first MAX_KEPT_SKIPPED skipped rows
+    blank_lines: int
+    headers: HeaderMap
+    delimiter: str
+    bom: bool
+    steps: tuple[str, ...]
+    seconds: float  # the whole import, commit included
+    # Until the last row was sent; the rest is the server finishing the COPY (the insert trigger
+    # seeding first steps) and the commit.
+    stream_seconds: float = 0.0
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_imported / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_id": str(self.batch_id),
+            "rows_imported": self.rows_imported,
+            "rows_skipped": self.rows_skipped,
+            "skipped": [{"line": b.line, "reason": b.reason} for b in self.skipped],
+            "blank_lines": self.blank_lines,
+            "headers": self.headers.to_json(),
+            "delimiter": self.delimiter,
+            "bom": self.bom,
+            "steps": list(self.steps),
+            "warnings": list(self.warnings),
+        }
+
+
+class MalformedCsv(InvalidInput):
+    """Malformed rows refused the import; ``bad_rows`` are the first ones, ``total`` all of them."""
+
+    def __init__(self, message: str, bad_rows: Sequence[BadRow], total: int) -> None:
+        super().__init__(message)
+        self.bad_rows = tuple(bad_rows)
+        self.total = total
+
+
+class _Lines:
+    """The file's physical lines, decoded as UTF-8 one by one, counting bytes for progress."""
+
+    def __init__(self, stream: BinaryIO, display: str) -> None:
+        self._stream = stream
+        self._display = display
+        self.bytes_read = 0
+        self.line_no = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for raw in self._stream:
+            self.line_no += 1
+            self.bytes_read += len(raw)
+            if self.line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(
+                    f"{self._display}: line {self.line_no} is not valid UTF-8 (byte "
+                    f"0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); save the file "
+                    "as UTF-8 (Excel: 'CSV UTF-8'), or convert it, e.g. "
+                    "iconv -f WINDOWS-1252 -t UTF-8"
+                ) from None
+
+
+def sniff_delimiter(sample_lines: Sequence[str]) -> str:
+    """The delimiter among ``, ; TAB |`` that splits the sample most consistently.
+
+    Each candidate parses the sample; the winner has the most rows with as many fields as its
+    header (and more than one field), then the widest header. Ties go to the comma.
+    """
+    lines = [line for line in sample_lines if line.strip()]
+    if not lines:
+        return ","
+    best = ","
+    best_score: tuple[int, int, int] = (-1, -1, -1)
+    for delimiter in DELIMITERS:
+        try:
+            rows = list(csv.reader(lines, delimiter=delimiter))
+        except csv.Error:
+            continue
+        if not rows:
+            continue
+        width = len(rows[0])
+        consistent = sum(1 for row in rows[1:] if len(row) == width)
+        score = (int(width > 1), consistent, width)
+        if score > best_score:
+            best, best_score = delimiter, score
+    return best
+
+
+def _sample_lines(stream: BinaryIO) -> list[str]:
+    data = stream.read(SNIFF_BYTES)
+    complete = len(data) < SNIFF_BYTES
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
+    if not complete and len(lines) > 1:
+        lines = lines[:-1]  # the last line may be cut
+    return lines
+
+
+_CSV_ERRORS = {
+    "unexpected end of data": "a quoted value is never closed (it runs to the end of the file)",
+    "expected after": (
+        "a closing quote is followed by other characters "
+        '(a quote inside a quoted value must be doubled: "")'
+    ),
+    "field larger than field limit": (
+        "a value is longer than {limit} characters (probably an unclosed quote)"
+    ),
+}
+
+
+def _csv_error_reason(exc: csv.Error) -> str:
+    text = str(exc)
+    for needle, reason in _CSV_ERRORS.items():
+        if needle in text:
+            return reason.format(limit=csv.field_size_limit())
+    return f"unreadable CSV: {text}"
+
+
+def _copy_line(batch_id: str, item: Mapping[str, str]) -> str:
+    # COPY text format: JSON escapes every control character, so only backslashes need doubling.
+    payload = json.dumps(item, ensure_ascii=False, separators=(",", ":"))
+    return f"{batch_id}\t{payload.replace(chr(92), chr(92) * 2)}\n"
+
+
+def _clean(value: str) -> str:
+    return value.replace("\x00", "").strip()
+
+
+def parse_steps(steps: str | Sequence[str]) -> tuple[str, ...]:
+    """``"a, b"`` or ``["a", "b"]`` -> ``("a", "b")``; refuses an empty list and repeats."""
+    names = steps.split(",") if isinstance(steps, str) else list(steps)
+    cleaned = tuple(name.strip() for name in names if name.strip())
+    if not cleaned:
+        raise InvalidInput("no steps given: name at least one step (e.g. --steps step_a,step_b)")
+    repeated = sorted({name for name in cleaned if cleaned.count(name) > 1})
+    if repeated:
+        raise InvalidInput(
+            f"step(s) named more than once: {', '.join(repeated)}; each step runs once per item"
+        )
+    return cleaned
+
+
+async def check_steps(conn: psycopg.AsyncConnection[Any], steps: Sequence[str]) -> None:
+    """Refuse steps missing from ``enrichment_registry``, listing the known ones."""
+    cur = await conn.execute(_REGISTRY_STEPS)
+    known = [str(row[0]) for row in await cur.fetchall()]
+    unknown = [s for s in steps if s not in known]
+    if unknown:
+        listed = ", ".join(known) if known else "(none registered)"
+        hints = [
+            f"{step!r} -> did you mean {close[0]!r}?"
+            for step in unknown
+            if (close := difflib.get_close_matches(step, known, n=1))
+        ]
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise InvalidInput(f"unknown step(s): {', '.join(unknown)}; known steps: {listed}{hint}")
+
+
+async def import_csv(
+    target: psycopg.AsyncConnection[Any] | str,
+    path: str | os.PathLike[str],
+    steps: str | Sequence[str],
+    *,
+    client_id: UUID | None = None,
+    name: str | None = None,
+    skip_invalid: bool = False,
+    delimiter: str | None = None,
+    progress: ProgressCallback | None = None,
+    progress_every: int = DEFAULT_PROGRESS_EVERY,
+) -> ImportReport:
+    """Import the CSV at ``path`` as a new batch running ``steps``; returns what was done.
+
+    ``target`` is a DSN or an open async connection (the import runs in a transaction of its own,
+    or a savepoint if the connection is already in one). Raises ``InvalidInput`` (``MalformedCsv``
+    for malformed rows) with nothing written.
+    """
+    if isinstance(target, str):
+        try:
+            conn = await psycopg.AsyncConnection.connect(target, autocommit=True)
+        except psycopg.Error as exc:
+            raise translate_db_error(exc) from exc
+        async with conn:
+            return await import_csv(
+                conn,
+                path,
+                steps,
+                client_id=client_id,
+                name=name,
+                skip_invalid=skip_invalid,
+                delimiter=delimiter,
+                progress=progress,
+                progress_every=progress_every,
+            )
+    try:
+        return await _import(
+            target,
+            Path(path),
+            parse_steps(steps),
+            client_id=client_id,
+            name=name,
+            skip_invalid=skip_invalid,
+            delimiter=delimiter,
+            progress=progress,
+            progress_every=max(1, progress_every),
+        )
+    except psycopg.Error as exc:
+        raise translate_db_error(exc) from exc
+
+
+async def _import(
+    conn: psycopg.AsyncConnection[Any],
+    path: Path,
+    steps: tuple[str, ...],
+    *,
+    client_id: UUID | None,
+    name: str | None,
+    skip_invalid: bool,
+    delimiter: str | None,
+    progress: ProgressCallback | None,
+    progress_every: int,
+) -> ImportReport:
+    display = path.name
+    if delimiter is not None and delimiter not in DELIMITERS:
+        raise InvalidInput(f"delimiter must be one of , ; TAB |, got {delimiter!r}")
+    try:
+        stream = path.open("rb")
+    except FileNotFoundError:
+        raise InvalidInput(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"{path}: is a directory, not a CSV file") from None
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot be read: {exc.strerror or exc}") from None
+
+    started = time.perf_counter()
+    with stream:
+        total_bytes = os.fstat(stream.fileno()).st_size
+        head = stream.read(4)
+        if not head:
+            raise InvalidInput(f"{display}: the file is empty (expected a header row, then rows)")
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise InvalidInput(
+                f"{display}: the file is UTF-16; save it as UTF-8 (Excel: 'CSV UTF-8') "
+                "or convert it: iconv -f UTF-16 -t UTF-8"
+            )
+        bom = head.startswith(codecs.BOM_UTF8)
+        stream.seek(0)
+        if delimiter is None:
+            delimiter = sniff_delimiter(_sample_lines(stream))
+            stream.seek(0)
+
+        lines = _Lines(stream, display)
+        reader = csv.reader(iter(lines), delimiter=delimiter, strict=True)
+        header_row = _read_header(reader, display)
+        try:
+            headers = map_headers(header_row)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{display}: {exc}") from None
+        keys = headers.keys
+        width = len(keys)
+
+        await check_steps(conn, steps)
+
+        warnings: list[str] = list(headers.warnings)
+        bad: list[BadRow] = []
+        bad_total = 0
+        imported = 0
+        blank = 0
+        padded = 0
+        rows_read = 0
+        next_progress = progress_every
+        last_line = reader.line_num
+
+        last_reported: list[ImportProgress] = []
+
+        def report_progress() -> None:
+            if progress is None:
+                return
+            now = ImportProgress(rows_read, imported, bad_total, lines.bytes_read, total_bytes)
+            if not last_reported or last_reported[0] != now:
+                last_reported[:] = [now]
+                progress(now)
+
+        async with conn.transaction():
+            cur = await conn.execute(
+                _INSERT_BATCH,
+                {
+                    "client_id": client_id,
+                    "name": name,
+                    "blueprint": Jsonb(list(steps)),
+                    "meta": Jsonb({"source": {"file": display}}),
+                },
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            batch_id: UUID = row[0]
+            batch_text = str(batch_id)
+
+            async with conn.cursor().copy(_COPY_ITEMS) as copy:
+                buffer: list[str] = []
+                buffered = 0
+                while True:
+                    if rows_read >= next_progress:
+                        report_progress()
+                        next_progress += progress_every
+                    start_line = last_line + 1
+                    try:
+                        record = next(reader)
+                    except StopIteration:
+                        break
+                    except csv.Error as exc:
+                        last_line = reader.line_num
+                        rows_read += 1
+                        bad_total += 1
+                        if len(bad) < max(MAX_KEPT_SKIPPED, MAX_REPORTED_ERRORS):
+                            bad.append(BadRow(start_line, _csv_error_reason(exc)))
+                        continue
+                    last_line = reader.line_num
+                    if not any(v.strip() for v in record):
+                        blank += 1
+                        continue
+                    rows_read += 1
+                    if len(record) != width:
+                        if len(record) > width and not any(v.strip() for v in record[width:]):
+                            padded += 1
+                            record = record[:width]
+                        else:
+                            bad_total += 1
+                            if len(bad) < max(MAX_KEPT_SKIPPED, MAX_REPORTED_ERRORS):
+                                bad.append(BadRow(start_line, _width_reason(len(record), width)))
+                            continue
+                    if bad_total and not skip_invalid:
+                        # The import is refused: keep scanning to count the bad rows, write nothing.
+                        continue
+                    item: dict[str, str] = {}
+                    for key, value in zip(keys, record, strict=True):
+                        cleaned = _clean(value)
+                        if cleaned:
+                            item[key] = cleaned
+                    line = _copy_line(batch_text, item)
+                    buffer.append(line)
+                    buffered += len(line)
+                    imported += 1
+                    if buffered >= COPY_CHUNK_CHARS:
+                        await copy.write("".join(buffer))
+                        buffer.clear()
+                        buffered = 0
+
+                if bad_total and not skip_invalid:
+                    raise _refusal(display, bad, bad_total)
+                if imported == 0:
+                    if bad_total:
+                        raise InvalidInput(
+                            f"{display}: no valid rows: all {bad_total} data row(s) are malformed "
+                            f"(first: {bad[0]})"
+                        )
+                    raise InvalidInput(
+                        f"{display}: the file has a header but no data rows; nothing to import"
+                    )
+                if buffer:
+                    await copy.write("".join(buffer))
+                streamed = time.perf_counter() - started
+
+            if padded:
+                warnings.append(
+                    f"{padded} row(s) had empty fields beyond the last column (ignored)"
+                )
+            await conn.execute(
+                _UPDATE_META,
+                {
+                    "id": batch_id,
+                    "meta": Jsonb(
+                        {
+                            "source": {
+                                "file": display,
+                                "rows_imported": imported,
+                                "rows_skipped": bad_total,
+                                "delimiter": delimiter,
+                                "columns": {c.header: c.key for c in headers.columns},
+                            }
+                        }
+                    ),
+                },
+            )
+        report_progress()
+
+    return ImportReport(
+        batch_id=batch_id,
+        rows_imported=imported,
+        rows_skipped=bad_total,
+        skipped=tuple(bad[:MAX_KEPT_SKIPPED]),
+        blank_lines=blank,
+        headers=headers,
+        delimiter=delimiter,
+        bom=bom,
+        steps=steps,
+        seconds=time.perf_counter() - started,
+        stream_seconds=streamed,
+        warnings=tuple(warnings),
+    )
+
+
+def _read_header(reader: Iterator[list[str]], display: str) -> list[str]:
+    """The first non-blank record; leading blank lines are skipped."""
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            raise InvalidInput(
+                f"{display}: the file has no header row (it is empty or blank)"
+            ) from None
+        except csv.Error as exc:
+            raise InvalidInput(f"{display}: the header row: {_csv_error_reason(exc)}") from None
+        if any(v.strip() for v in record):
+            return record
+
+
+def _width_reason(fields: int, width: int) -> str:
+    more_or_fewer = "more" if fields > width else "fewer"
+    return f"{fields} field(s), {more_or_fewer} than the header's {width}"
+
+
+def _refusal(display: str, bad: Sequence[BadRow], total: int) -> MalformedCsv:
+    shown = list(bad[:MAX_REPORTED_ERRORS])
+    listing = "\n".join(f"  {b}" for b in shown)
+    more = f"\n  ... and {total - len(shown)} more" if total > len(shown) else ""
+    message = (
+        f"{display}: {total} malformed row(s); nothing was imported "
+        f"(skip_invalid / --skip-invalid imports the valid rows and reports these):\n"
+        f"{listing}{more}"
+    )
+    return MalformedCsv(message, shown, total)
+
+
+__all__ = [
+    "ALIASES",
+    "CANONICAL_ALIASES",
+    "BadRow",
+    "Column",
+    "HeaderMap",
+    "ImportProgress",
+    "ImportReport",
+    "MalformedCsv",
+    "check_steps",
+    "import_csv",
+    "map_headers",
+    "normalise_header",
+    "parse_steps",
+    "sniff_delimiter",
+]
