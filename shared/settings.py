@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("ENRICH_MODAL_APP", "modal_app_name"),
         description="The deployed Modal app whose functions run the steps (modal_app/app.py).",
     )
+    step_modules: str = Field(
+        default="",
+        validation_alias=AliasChoices("ENRICH_STEP_MODULES", "step_modules"),
+        description="Comma-separated modules whose HANDLERS dict adds step handlers.",
+    )
     log_level: LogLevel = Field(
         default="INFO",
         validation_alias=AliasChoices("ENRICH_LOG_LEVEL", "LOG_LEVEL", "log_level"),

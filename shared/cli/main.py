@@ -10,6 +10,7 @@ from typing import ParamSpec, TypeVar
 import click
 
 from shared.cli.batch_commands import register_batch_commands
+from shared.cli.run_commands import register_run_commands
 from shared.db.embedded import EmbeddedPostgres
 from shared.db.migrate import migrate_sync
 from shared.db.migrate import status as migration_status
@@ -114,6 +115,7 @@ def db_down() -> None:
 
 
 register_batch_commands(main)
+register_run_commands(main)
 
 
 if __name__ == "__main__":

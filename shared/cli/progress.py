@@ -1,0 +1,134 @@
+"""Live progress of a running batch: counts per step and status, rate and ETA.
+
+On a terminal it is a table redrawn in place; elsewhere (CI, a pipe, a log file) one plain line
+every few seconds, so long runs still show they are moving.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from shared.state_api import STATUSES, BatchProgress
+
+STATUS_STYLE = {
+    "PENDING": "dim",
+    "QUEUED": "yellow",
+    "IN_PROGRESS": "cyan",
+    "COMPLETED": "green",
+    "FAILED": "red",
+}
+
+
+@dataclass
+class RateMeter:
+    """Rates over a sliding window of samples (the last ``window`` seconds)."""
+
+    window: float = 10.0
+    samples: deque[tuple[float, BatchProgress]] = field(default_factory=deque)
+
+    def add(self, progress: BatchProgress, now: float | None = None) -> None:
+        at = time.monotonic() if now is None else now
+        self.samples.append((at, progress))
+        while len(self.samples) > 2 and at - self.samples[0][0] > self.window:
+            self.samples.popleft()
+
+    def _span(self) -> tuple[float, BatchProgress, BatchProgress] | None:
+        if len(self.samples) < 2:
+            return None
+        (t0, first), (t1, last) = self.samples[0], self.samples[-1]
+        return (t1 - t0, first, last) if t1 > t0 else None
+
+    def step_rate(self, step: str) -> float:
+        """Rows of ``step`` finished (COMPLETED or FAILED) per second."""
+        span = self._span()
+        if span is None:
+            return 0.0
+        seconds, first, last = span
+        done = _finished(last, step) - _finished(first, step)
+        return max(done, 0) / seconds
+
+    def item_rate(self) -> float:
+        """Items that finished the blueprint (completed or failed) per second."""
+        span = self._span()
+        if span is None:
+            return 0.0
+        seconds, first, last = span
+        done = _items_done(last) - _items_done(first)
+        return max(done, 0) / seconds
+
+    def eta_seconds(self, progress: BatchProgress) -> float | None:
+        rate = self.item_rate()
+        remaining = progress.items - _items_done(progress)
+        if remaining <= 0:
+            return 0.0
+        return remaining / rate if rate > 0 else None
+
+
+def _finished(progress: BatchProgress, step: str) -> int:
+    counts = progress.steps.get(step, {})
+    return counts.get("COMPLETED", 0) + counts.get("FAILED", 0)
+
+
+def _items_done(progress: BatchProgress) -> int:
+    return progress.items_completed + progress.items_failed
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "--"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (
+        f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+    )
+
+
+def render(progress: BatchProgress, meter: RateMeter, elapsed: float) -> RenderableType:
+    header = Text.assemble(
+        ("batch ", "bold"),
+        (str(progress.batch_id), "bold"),
+        f"  {progress.status}",
+        f"  items {progress.items:,}: ",
+        (f"{progress.items_completed:,} completed", "green"),
+        ", ",
+        (f"{progress.items_failed:,} failed", "red" if progress.items_failed else ""),
+        f"  elapsed {format_duration(elapsed)}  ETA {format_duration(meter.eta_seconds(progress))}",
+    )
+    table = Table(header_style="bold", box=None, pad_edge=False)
+    table.add_column("step")
+    for status in STATUSES:
+        table.add_column(status, justify="right", style=STATUS_STYLE[status])
+    table.add_column("rows/s", justify="right")
+    for step, counts in progress.steps.items():
+        table.add_row(
+            step,
+            *(f"{counts.get(s, 0):,}" for s in STATUSES),
+            f"{meter.step_rate(step):,.0f}",
+        )
+    return Group(header, table)
+
+
+def plain_line(progress: BatchProgress, meter: RateMeter, elapsed: float) -> str:
+    steps = "  ".join(
+        f"{step}: {counts['COMPLETED']:,} done/{counts['FAILED']:,} failed/"
+        f"{counts['PENDING'] + counts['QUEUED'] + counts['IN_PROGRESS']:,} active"
+        for step, counts in progress.steps.items()
+    )
+    return (
+        f"[{format_duration(elapsed)}] {progress.items_completed:,}/{progress.items:,} items "
+        f"completed, {progress.items_failed:,} failed, {meter.item_rate():,.0f} items/s, "
+        f"ETA {format_duration(meter.eta_seconds(progress))} | {steps}"
+    )
+
+
+def print_plain(
+    console: Console, progress: BatchProgress, meter: RateMeter, elapsed: float
+) -> None:
+    console.print(plain_line(progress, meter, elapsed), highlight=False, soft_wrap=True)

@@ -1,0 +1,305 @@
+"""``enrich run`` (the main job) and ``enrich serve`` (the long-running local service).
+
+``enrich run FILE.csv --steps a,b`` imports the file as a batch and runs it to the end in this
+process: the conductor loop woken by the database, a local worker pool, live progress. Ctrl-C (or
+SIGTERM) stops cleanly: unfinished rows go back to PENDING with no attempt used, and
+``enrich run --batch ID`` resumes. Exit codes: 0 every item completed, 3 the batch finished with
+failed items, 130 interrupted, 1/2 as the other commands (database problem / bad input).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import click
+import psycopg
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from shared.cli.batch_commands import _print_import_report, _run, _stderr, print_progress
+from shared.cli.progress import RateMeter, format_duration, print_plain, render
+from shared.db.connect import resolve_dsn
+from shared.importer import import_csv
+from shared.local import LocalRunner
+from shared.pg_state import PgStateAPI
+from shared.settings import get_settings
+from shared.state_api import BatchProgress
+from shared.steps.base import StepHandler
+from shared.steps.plugins import load_handlers
+
+EXIT_FAILED_ITEMS = 3
+EXIT_INTERRUPTED = 130
+PLAIN_PROGRESS_EVERY = 5.0
+
+TOP_ERRORS = """
+select step_name, meta ->> 'error' as error, count(*) as n
+from public.workflow_states
+where batch_id = %(batch_id)s and status = 'FAILED'
+group by 1, 2 order by n desc limit 5
+"""
+
+
+def _install_stop_handlers(runner: LocalRunner) -> None:
+    """First Ctrl-C / SIGTERM: stop claiming, release unfinished rows, exit. Second: exit now."""
+    loop = asyncio.get_running_loop()
+    stops = 0
+
+    def on_signal() -> None:
+        nonlocal stops
+        stops += 1
+        if stops > 1:
+            raise SystemExit(EXIT_INTERRUPTED)
+        _stderr().print("stopping: handing unfinished rows back (Ctrl-C again to force)")
+        runner.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+
+
+async def _watch(api: PgStateAPI, batch_id: UUID, console: Console, started: float) -> None:
+    """Redraw progress every half second (a plain line every few seconds off a terminal)."""
+    meter = RateMeter()
+    if console.is_terminal:
+        with Live(console=console, refresh_per_second=4, transient=True) as live:
+            while True:
+                progress = await api.batch_progress(batch_id)
+                meter.add(progress)
+                live.update(render(progress, meter, time.monotonic() - started))
+                await asyncio.sleep(0.5)
+    last = 0.0
+    while True:
+        progress = await api.batch_progress(batch_id)
+        meter.add(progress)
+        now = time.monotonic()
+        if now - last >= PLAIN_PROGRESS_EVERY:
+            print_plain(console, progress, meter, now - started)
+            last = now
+        await asyncio.sleep(1.0)
+
+
+async def run_batch(
+    dsn: str,
+    batch_id: UUID,
+    *,
+    concurrency: int,
+    workers: int,
+    handlers: Mapping[str, StepHandler],
+    console: Console,
+) -> tuple[BatchProgress, bool, float]:
+    """Run ``batch_id`` until it finishes or a stop signal; returns (progress, interrupted, s)."""
+    api = await PgStateAPI.open(dsn, max_size=workers + 4)
+    async with api:
+        runner = LocalRunner(
+            dsn,
+            api,
+            batch_ids=[batch_id],
+            max_in_flight=concurrency,
+            chunk_size=min(150, concurrency),
+            claim_limit=min(600, concurrency),
+            workers=workers,
+            sweep_interval=1.0,
+            handlers=handlers,
+        )
+        _install_stop_handlers(runner)
+        started = time.monotonic()
+        finished = False
+
+        async def until() -> bool:
+            nonlocal finished
+            finished = (await api.batch_progress(batch_id)).finished
+            return finished
+
+        watcher = asyncio.create_task(_watch(api, batch_id, console, started))
+        try:
+            await runner.run(until=until)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        return await api.batch_progress(batch_id), not finished, time.monotonic() - started
+
+
+async def _top_errors(dsn: str, batch_id: UUID) -> list[dict[str, Any]]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        await cur.execute(TOP_ERRORS, {"batch_id": batch_id})
+        return await cur.fetchall()
+
+
+@click.command("run")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--steps",
+    metavar="STEP[,STEP...]",
+    help="The blueprint, e.g. normalize_domain,clean_company_name.",
+)
+@click.option("--batch", "batch_id", type=click.UUID, help="Resume an existing batch instead.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 100_000),
+    default=600,
+    show_default=True,
+    help="Rows in flight at once in the local worker pool.",
+)
+@click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--name", help="A name for the batch (default: the file name).")
+@click.option("--client-id", type=click.UUID, help="Owner of the batch (default ENRICH_CLIENT_ID).")
+@click.option("--skip-invalid", is_flag=True, help="Import valid rows, report malformed ones.")
+def run(
+    file: Path | None,
+    steps: str | None,
+    batch_id: UUID | None,
+    concurrency: int,
+    workers: int,
+    name: str | None,
+    client_id: UUID | None,
+    skip_invalid: bool,
+) -> None:
+    """Import FILE.csv as a batch running --steps and run it to the end, here and now.
+
+    No configuration needed: without DATABASE_URL a private PostgreSQL is started. Resume a
+    stopped batch with --batch ID. Exits 0 when every item completed, 3 when some failed.
+    """
+    if (file is None) == (batch_id is None):
+        raise click.UsageError("give either FILE.csv with --steps, or --batch ID to resume")
+    if file is not None and not steps:
+        raise click.UsageError("--steps is required with FILE.csv (e.g. --steps normalize_domain)")
+    if batch_id is not None and steps:
+        raise click.UsageError("--steps belongs to a new batch; --batch resumes with its own")
+    settings = get_settings()
+    err = _stderr()
+
+    async def go() -> tuple[UUID, BatchProgress, bool, float, list[dict[str, Any]]]:
+        handlers = load_handlers(settings.step_modules)
+        dsn = await resolve_dsn()
+        target = batch_id
+        if file is not None:
+            report = await import_csv(
+                dsn,
+                file,
+                steps or "",
+                client_id=client_id if client_id is not None else settings.client_id,
+                name=name or file.name,
+                skip_invalid=skip_invalid,
+            )
+            _print_import_report(err, file, report)
+            target = report.batch_id
+            err.print(Text.assemble(("batch ", "bold"), str(target)))
+        assert target is not None
+        progress, interrupted, seconds = await run_batch(
+            dsn, target, concurrency=concurrency, workers=workers, handlers=handlers, console=err
+        )
+        errors = await _top_errors(dsn, target) if progress.items_failed else []
+        return target, progress, interrupted, seconds, errors
+
+    target, progress, interrupted, seconds, errors = _run(go)
+    print_progress(err, progress)
+    done = progress.items_completed + progress.items_failed
+    rate = sum(c["COMPLETED"] for c in progress.steps.values()) / seconds if seconds > 0 else 0.0
+    err.print(
+        f"{done:,}/{progress.items:,} items finished in {format_duration(seconds)} "
+        f"({rate:,.0f} steps/s)"
+    )
+    if interrupted:
+        err.print(
+            Text.assemble(("stopped. ", "yellow"), f"resume with: enrich run --batch {target}")
+        )
+        click.echo(str(target))
+        sys.exit(EXIT_INTERRUPTED)
+    if progress.items_failed:
+        err.print(
+            Text(f"{progress.items_failed:,} item(s) failed. Most common errors:", style="red")
+        )
+        for row in errors:
+            err.print(f"  {row['n']:>6,} x {row['step_name']}: {row['error']}")
+        err.print(
+            f"retry them with: enrich retry {target} && enrich run --batch {target}\n"
+            f"export results with: enrich export {target} -o results.csv"
+        )
+        click.echo(str(target))
+        sys.exit(EXIT_FAILED_ITEMS)
+    err.print(
+        Text.assemble(("done. ", "green"), f"export with: enrich export {target} -o results.csv")
+    )
+    click.echo(str(target))
+
+
+@click.command("serve")
+@click.option("--concurrency", type=click.IntRange(1, 100_000), default=600, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option(
+    "--sweep-interval",
+    type=click.FloatRange(0.1, 3600),
+    default=5.0,
+    show_default=True,
+    help="Seconds between sweeps for expired leases and due retries.",
+)
+def serve(concurrency: int, workers: int, sweep_interval: float) -> None:
+    """Conductor loop and local workers as a service: runs every batch, created by any means
+    (Supabase Studio, psql, enrich batch create), until Ctrl-C or SIGTERM."""
+    settings = get_settings()
+    err = _stderr()
+
+    async def go() -> None:
+        handlers = load_handlers(settings.step_modules)
+        dsn = await resolve_dsn()
+        api = await PgStateAPI.open(dsn, max_size=workers + 4)
+        async with api:
+            runner = LocalRunner(
+                dsn,
+                api,
+                max_in_flight=concurrency,
+                chunk_size=min(150, concurrency),
+                claim_limit=min(600, concurrency),
+                workers=workers,
+                sweep_interval=sweep_interval,
+                handlers=handlers,
+            )
+            _install_stop_handlers(runner)
+            err.print(f"serving: {workers} workers, {concurrency} rows in flight; Ctrl-C to stop")
+            reporter = asyncio.create_task(_report(runner, err))
+            try:
+                await runner.run()
+            finally:
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
+            pool = runner.dispatcher.stats
+            err.print(
+                f"stopped: {runner.stats.passes} passes, {pool.completed:,} completed, "
+                f"{pool.retried:,} retried, {pool.failed:,} failed, {pool.released:,} released"
+            )
+
+    _run(go)
+
+
+async def _report(runner: LocalRunner, console: Console) -> None:
+    """A line every 10 s while rows move, so a service log shows progress."""
+    last = (-1, -1)
+    while True:
+        await asyncio.sleep(10)
+        pool = runner.dispatcher.stats
+        now = (pool.completed, pool.failed)
+        if now != last:
+            console.print(
+                f"claimed {runner.stats.claimed:,}  completed {pool.completed:,}  "
+                f"retried {pool.retried:,}  failed {pool.failed:,}  in flight "
+                f"{runner.dispatcher.in_flight:,}",
+                highlight=False,
+            )
+            last = now
+
+
+def register_run_commands(group: click.Group) -> None:
+    group.add_command(run)
+    group.add_command(serve)
