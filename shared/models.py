@@ -1,9 +1,9 @@
 """SQLAlchemy models of the schema (the seed's Phase 1) for reading and analysis.
 
-The migrations in ``supabase/migrations`` define the schema and the State API functions; these models
-mirror the tables so analysts and scripts can query with SQLAlchemy. State changes never go through
-them: every transition is a guarded SQL function (see ``shared.state_api``). tests/test_models.py
-checks the models against a migrated database, so they cannot drift from the migrations.
+The migrations in ``supabase/migrations`` define the schema and the State API functions; these
+models mirror the tables so analysts and scripts can query with SQLAlchemy. State changes never go
+through them: every transition is a guarded SQL function (see ``shared.state_api``).
+tests/test_models.py checks the models against a migrated database, so they cannot drift.
 """
 
 from __future__ import annotations
