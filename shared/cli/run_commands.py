@@ -48,6 +48,31 @@ group by 1, 2 order by n desc limit 5
 """
 
 
+def _local_runner(
+    dsn: str,
+    api: PgStateAPI,
+    concurrency: int,
+    workers: int,
+    handlers: Mapping[str, StepHandler],
+    *,
+    sweep_interval: float,
+    batch_ids: list[UUID] | None = None,
+) -> LocalRunner:
+    """The pool sized by --concurrency: waves of at most 600 rows in chunks of at most 150, the
+    sizes bench/throughput.py found to keep the hand-off short at full throughput."""
+    return LocalRunner(
+        dsn,
+        api,
+        batch_ids=batch_ids,
+        max_in_flight=concurrency,
+        chunk_size=min(150, concurrency),
+        claim_limit=min(600, concurrency),
+        workers=workers,
+        sweep_interval=sweep_interval,
+        handlers=handlers,
+    )
+
+
 def _install_stop_handlers(runner: LocalRunner) -> None:
     """First Ctrl-C / SIGTERM: stop claiming, release unfinished rows, exit. Second: exit now."""
     loop = asyncio.get_running_loop()
@@ -99,16 +124,8 @@ async def run_batch(
     """Run ``batch_id`` until it finishes or a stop signal; returns (progress, interrupted, s)."""
     api = await PgStateAPI.open(dsn, max_size=workers + 4)
     async with api:
-        runner = LocalRunner(
-            dsn,
-            api,
-            batch_ids=[batch_id],
-            max_in_flight=concurrency,
-            chunk_size=min(150, concurrency),
-            claim_limit=min(600, concurrency),
-            workers=workers,
-            sweep_interval=1.0,
-            handlers=handlers,
+        runner = _local_runner(
+            dsn, api, concurrency, workers, handlers, sweep_interval=1.0, batch_ids=[batch_id]
         )
         _install_stop_handlers(runner)
         started = time.monotonic()
@@ -255,15 +272,8 @@ def serve(concurrency: int, workers: int, sweep_interval: float) -> None:
         dsn = await resolve_dsn()
         api = await PgStateAPI.open(dsn, max_size=workers + 4)
         async with api:
-            runner = LocalRunner(
-                dsn,
-                api,
-                max_in_flight=concurrency,
-                chunk_size=min(150, concurrency),
-                claim_limit=min(600, concurrency),
-                workers=workers,
-                sweep_interval=sweep_interval,
-                handlers=handlers,
+            runner = _local_runner(
+                dsn, api, concurrency, workers, handlers, sweep_interval=sweep_interval
             )
             _install_stop_handlers(runner)
             err.print(f"serving: {workers} workers, {concurrency} rows in flight; Ctrl-C to stop")

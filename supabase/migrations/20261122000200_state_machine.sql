@@ -320,6 +320,17 @@ begin
 end
 $$;
 
+-- Why a worker call was refused for one row, from the row as it stands (null: no such row).
+create function public.call_outcome(p_accepted boolean, p_row_attempt integer, p_attempt integer)
+returns text
+language sql immutable
+as $$
+  select case when p_accepted then 'ok'
+              when p_row_attempt is null then 'not_found'
+              when p_row_attempt <> p_attempt then 'stale_attempt'
+              else 'wrong_status' end
+$$;
+
 -- Claims up to p_limit ready rows (PENDING, run_after passed), skipping rows another claimer holds,
 -- and returns what dispatch needs. Concurrent claimers never get the same row.
 -- Order: later blueprint steps first, then oldest first. Depth-first moves items through the whole
@@ -404,10 +415,7 @@ begin
     returning ws.batch_id, ws.item_id, ws.step_name, r.config
   )
   select i.batch_id, i.item_id, i.step_name, i.attempt,
-         case when s.item_id is not null then 'ok'
-              when ws.id is null then 'not_found'
-              when ws.attempt <> i.attempt then 'stale_attempt'
-              else 'wrong_status' end,
+         call_outcome(s.item_id is not null, ws.attempt, i.attempt),
          bi.raw_data,
          s.config
   from input i
@@ -487,10 +495,7 @@ begin
     select * from jsonb_to_recordset(v_done) as d(batch_id uuid, item_id uuid, step_name text)
   )
   select i.batch_id, i.item_id, i.step_name, i.attempt,
-         case when d.item_id is not null then 'ok'
-              when ws.id is null then 'not_found'
-              when ws.attempt <> i.attempt then 'stale_attempt'
-              else 'wrong_status' end
+         call_outcome(d.item_id is not null, ws.attempt, i.attempt)
   from input i
   left join done d on d.batch_id = i.batch_id and d.item_id = i.item_id and d.step_name = i.step_name
   left join workflow_states ws
@@ -584,10 +589,7 @@ begin
     select * from jsonb_to_recordset(v_rows) as f(id bigint, status public.workflow_status)
   )
   select i.batch_id, i.item_id, i.step_name, i.attempt,
-         case when f.id is not null then 'ok'
-              when ws.id is null then 'not_found'
-              when ws.attempt <> i.attempt then 'stale_attempt'
-              else 'wrong_status' end,
+         call_outcome(f.id is not null, ws.attempt, i.attempt),
          ws.status
   from input i
   left join workflow_states ws
@@ -618,10 +620,7 @@ begin
     returning ws.batch_id, ws.item_id, ws.step_name, ws.lease_expires_at
   )
   select i.batch_id, i.item_id, i.step_name, i.attempt,
-         case when b.item_id is not null then 'ok'
-              when ws.id is null then 'not_found'
-              when ws.attempt <> i.attempt then 'stale_attempt'
-              else 'wrong_status' end,
+         call_outcome(b.item_id is not null, ws.attempt, i.attempt),
          b.lease_expires_at
   from input i
   left join beat b on b.batch_id = i.batch_id and b.item_id = i.item_id and b.step_name = i.step_name

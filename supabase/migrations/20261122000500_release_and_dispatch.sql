@@ -28,10 +28,7 @@ begin
     returning ws.batch_id, ws.item_id, ws.step_name
   )
   select i.batch_id, i.item_id, i.step_name, i.attempt,
-         case when r.item_id is not null then 'ok'
-              when ws.id is null then 'not_found'
-              when ws.attempt <> i.attempt then 'stale_attempt'
-              else 'wrong_status' end
+         call_outcome(r.item_id is not null, ws.attempt, i.attempt)
   from input i
   left join released r on r.batch_id = i.batch_id and r.item_id = i.item_id and r.step_name = i.step_name
   left join workflow_states ws
