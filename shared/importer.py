@@ -649,6 +649,9 @@ async def _import(
                                 "rows_skipped": bad_total,
                                 "delimiter": delimiter,
                                 "columns": {c.header: c.key for c in headers.columns},
+                                # jsonb objects keep no key order: the CSV's column order, for
+                                # exports.
+                                "keys": [c.key for c in headers.columns],
                             }
                         }
                     ),

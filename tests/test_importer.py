@@ -209,6 +209,7 @@ async def test_import_writes_batch_items_and_first_steps(conn: Conn, tmp_path: P
                 "Website": "website",
                 "Funding Stage": "funding_stage",
             },
+            "keys": ["name", "website", "funding_stage"],
         },
     )
     cur = await conn.execute(

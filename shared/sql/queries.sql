@@ -39,3 +39,34 @@ select batch_id, item_id, step_name, attempt, outcome from public.release_steps(
 
 -- name: mark_dispatched
 select public.mark_dispatched(%(dispatches)s) as marked;
+
+-- name: export_steps
+-- The blueprint of a batch in order, each step with its results table (null: no result columns).
+-- require_batch raises P0002 for an unknown batch.
+select bp.step_name, r.results_table, b.item_count
+from public.require_batch(%(batch_id)s) b
+cross join lateral jsonb_array_elements_text(b.blueprint) with ordinality as bp(step_name, ord)
+left join public.enrichment_registry r on r.step_name = bp.step_name
+order by bp.ord;
+
+-- name: export_input_keys
+-- The union of the items' raw_data keys: in the CSV's column order where the import recorded it
+-- (batches.meta.source.keys), then in first-seen order (jsonb keeps no key order: keys first seen
+-- in the same item come in byte order). One aggregate, computed in the database.
+with declared as (
+  select d.key, d.ord
+  from public.batches b
+  cross join lateral jsonb_array_elements_text(
+    case when jsonb_typeof(b.meta -> 'source' -> 'keys') = 'array'
+         then b.meta -> 'source' -> 'keys' else '[]'::jsonb end) with ordinality as d(key, ord)
+  where b.id = %(batch_id)s
+), seen as (
+  select k.key, min(bi.seq) as first_seq
+  from public.batch_items bi
+  cross join lateral jsonb_object_keys(bi.raw_data) as k(key)
+  where bi.batch_id = %(batch_id)s
+  group by k.key
+)
+select s.key
+from seen s left join declared d on d.key = s.key
+order by d.ord nulls last, s.first_seq, s.key collate "C";
