@@ -10,6 +10,7 @@ from typing import ParamSpec, TypeVar
 import click
 
 from shared.cli.batch_commands import register_batch_commands
+from shared.cli.ops_commands import register_ops_commands
 from shared.cli.run_commands import register_run_commands
 from shared.db.embedded import EmbeddedPostgres
 from shared.db.migrate import migrate_sync
@@ -115,6 +116,7 @@ def db_down() -> None:
 
 
 register_batch_commands(main)
+register_ops_commands(main)
 register_run_commands(main)
 
 
