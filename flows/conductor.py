@@ -7,24 +7,41 @@ attempts and function names only. Overlapping runs are safe: claims skip locked 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger
 
-from flows.dispatchers import ModalDispatcher, modal_function_lookup
+from flows.dispatchers import (
+    LOCAL_WORKERS_URL_ENV,
+    ModalDispatcher,
+    local_function_lookup,
+    modal_function_lookup,
+)
 from shared.conductor import Dispatcher, conduct
+from shared.errors import ConfigurationError
 from shared.settings import get_settings
 from shared.state_api import StateAPI
 from shared.state_factory import open_state_api
 
 
 def make_dispatcher(kind: str, api: StateAPI) -> Dispatcher:
+    """``modal``: the deployed Modal app. ``local``: the stand-in for Modal that ``enrich dev up``
+    starts (``modal_app.local_service``), at the URL in ``ENRICH_LOCAL_WORKERS_URL``."""
     if kind == "modal":
         settings = get_settings()
         return ModalDispatcher(api, modal_function_lookup(settings.modal_app_name))
-    raise ValueError(f"unknown dispatcher {kind!r}; expected 'modal'")
+    if kind == "local":
+        url = os.environ.get(LOCAL_WORKERS_URL_ENV)
+        if not url:
+            raise ConfigurationError(
+                f"dispatcher 'local' needs {LOCAL_WORKERS_URL_ENV}, the URL of the local worker "
+                "service (enrich dev up sets it)"
+            )
+        return ModalDispatcher(api, local_function_lookup(url))
+    raise ValueError(f"unknown dispatcher {kind!r}; expected 'modal' or 'local'")
 
 
 @flow(name="enrichment-conductor", retries=0, timeout_seconds=600, validate_parameters=True)

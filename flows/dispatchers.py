@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
+from urllib.parse import quote
+
+import httpx
 
 from shared.errors import DispatchError
 from shared.state_api import ClaimedTask, StateAPI
@@ -32,6 +36,55 @@ def modal_function_lookup(app_name: str) -> Callable[[str], SpawnableFunction]:
             function = modal.Function.from_name(app_name, function_name)
             cache[function_name] = cast(SpawnableFunction, function)
         return cache[function_name]
+
+    return lookup
+
+
+# The local stand-in for Modal, ``python -m modal_app.local_service``, started by ``enrich dev up``.
+LOCAL_WORKERS_URL_ENV = "ENRICH_LOCAL_WORKERS_URL"
+LOCAL_SPAWN_TIMEOUT_S = 30.0
+
+
+@dataclass
+class LocalCall:
+    object_id: str
+
+
+class _HttpSpawn:
+    """``spawn.aio(tasks)`` as an HTTP call: the service starts the chunk and answers at once."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self._url = url
+        self._timeout = timeout
+
+    async def aio(self, *args: Any, **kwargs: Any) -> SpawnCall:
+        if len(args) != 1 or kwargs:
+            raise TypeError("spawn.aio() takes exactly one argument: the list of tasks")
+        async with httpx.AsyncClient(timeout=self._timeout) as client:
+            response = await client.post(self._url, json=args[0])
+        if response.status_code != 200:
+            raise RuntimeError(f"POST {self._url}: HTTP {response.status_code}: {response.text}")
+        object_id = response.json().get("object_id")
+        if not isinstance(object_id, str) or not object_id:
+            raise RuntimeError(f"POST {self._url}: no object_id in {response.text!r}")
+        return LocalCall(object_id)
+
+
+class _HttpFunction:
+    def __init__(self, url: str, timeout: float) -> None:
+        self.spawn: SpawnMethod = _HttpSpawn(url, timeout)
+
+
+def local_function_lookup(
+    base_url: str, *, timeout: float = LOCAL_SPAWN_TIMEOUT_S
+) -> Callable[[str], SpawnableFunction]:
+    """Functions of the local stand-in for Modal at ``base_url``, as ``modal_function_lookup``
+    gives deployed ones: ``POST {base_url}/functions/{name}/spawn`` with the task list."""
+    base = base_url.rstrip("/")
+
+    def lookup(function_name: str) -> SpawnableFunction:
+        name = quote(function_name, safe="")
+        return _HttpFunction(f"{base}/functions/{name}/spawn", timeout)
 
     return lookup
 

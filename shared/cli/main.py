@@ -10,6 +10,7 @@ from typing import ParamSpec, TypeVar
 import click
 
 from shared.cli.batch_commands import register_batch_commands
+from shared.cli.dev_commands import register_dev_commands
 from shared.cli.ops_commands import register_ops_commands
 from shared.cli.run_commands import register_run_commands
 from shared.db.embedded import EmbeddedPostgres
@@ -116,6 +117,7 @@ def db_down() -> None:
 
 
 register_batch_commands(main)
+register_dev_commands(main)
 register_ops_commands(main)
 register_run_commands(main)
 
