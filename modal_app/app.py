@@ -30,7 +30,7 @@ image = (
         "pydantic>=2.7",
         "pydantic-settings>=2.3",
         "publicsuffixlist>=1.0",
-        "supabase>=2.10",
+        "supabase>=2.34",
         "httpx>=0.27",
         "sentry-sdk>=2.0",
     )

@@ -79,6 +79,17 @@ class Settings(BaseSettings):
         default="INFO",
         validation_alias=AliasChoices("ENRICH_LOG_LEVEL", "LOG_LEVEL", "log_level"),
     )
+    supabase_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SUPABASE_URL", "supabase_url"),
+        description="The Supabase project (https://<ref>.supabase.co). With the service-role key "
+        "set too, the State API goes through its REST endpoint (the Modal workers' way).",
+    )
+    supabase_service_role_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SUPABASE_SERVICE_ROLE_KEY", "supabase_service_role_key"),
+        description="The project's service-role key (Modal secret enrichment-supabase).",
+    )
 
     @property
     def database_dsn(self) -> str | None:

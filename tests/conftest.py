@@ -30,9 +30,11 @@ from shared.settings import Settings, get_settings
 
 TEMPLATE_DB = "enrich_template"
 
-# Tests never touch the application's own database: a stray DATABASE_URL (say, production
-# Supabase) is dropped for the whole session. Use TEST_DATABASE_URL to test against a server.
-os.environ.pop("DATABASE_URL", None)
+# Tests never touch the application's own database: a stray DATABASE_URL or Supabase project
+# (say, production) is dropped for the whole session. Use TEST_DATABASE_URL to test against a
+# server; Supabase is emulated (tests/postgrest_emulator.py).
+for _variable in ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"):
+    os.environ.pop(_variable, None)
 get_settings.cache_clear()
 
 

@@ -58,6 +58,14 @@ grant select on public.workflow_states, public.enrichment_registry, public.step_
 grant all on all tables in schema public to service_role;
 grant usage, select on all sequences in schema public to service_role;
 
+-- Tables and sequences created later (a new step's results table) get what Supabase's default
+-- privileges give the service role; anon and authenticated get nothing until a migration grants it
+-- with a policy (on Supabase they get everything by default: revoke there, as above).
+alter default privileges in schema public grant all on tables to service_role;
+alter default privileges in schema public grant usage, select on sequences to service_role;
+alter default privileges in schema public revoke execute on functions from public;
+alter default privileges in schema public grant execute on functions to service_role;
+
 -- Function privileges: PostgreSQL (and Supabase's default privileges) let everyone execute new
 -- functions. Workers' transitions are for the service role only.
 revoke execute on all functions in schema public from public, anon, authenticated;
