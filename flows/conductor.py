@@ -20,7 +20,7 @@ from flows.dispatchers import (
     local_function_lookup,
     modal_function_lookup,
 )
-from shared.conductor import Dispatcher, conduct
+from shared.conductor import Dispatcher, conduct_until_idle
 from shared.errors import ConfigurationError
 from shared.settings import get_settings
 from shared.state_api import StateAPI
@@ -50,14 +50,17 @@ async def conductor(
     dispatcher: str = "modal",
     claim_limit: int = 1000,
     max_rows: int = 50_000,
+    linger_seconds: float = 10.0,
 ) -> dict[str, Any]:
-    """Sweep expired leases, claim every ready row (up to ``max_rows``), dispatch, exit."""
+    """Sweep expired leases, claim every ready row (up to ``max_rows``), dispatch; keep claiming
+    while rows keep becoming ready, and exit after ``linger_seconds`` with nothing to claim."""
     logger = get_run_logger()
     api = await open_state_api()
     try:
-        report = await conduct(
+        report = await conduct_until_idle(
             api,
             make_dispatcher(dispatcher, api),
+            linger_seconds=linger_seconds,
             claim_limit=claim_limit,
             max_rows=max_rows,
             batch_ids=[UUID(b) for b in batch_ids] if batch_ids else None,

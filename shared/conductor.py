@@ -7,7 +7,9 @@ flow, ``enrich run`` and ``enrich serve`` all call this same function.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,9 +17,12 @@ from typing import Protocol
 from uuid import UUID
 
 from shared.errors import DispatchError
-from shared.state_api import ClaimedTask, StateAPI, StepFailure
+from shared.state_api import ClaimedTask, StateAPI
 
 log = logging.getLogger(__name__)
+
+# How long rows that could not be sent to workers wait before the next try.
+DISPATCH_RETRY_SECONDS = 15.0
 
 
 class Dispatcher(Protocol):
@@ -57,6 +62,7 @@ async def conduct(
     max_rows: int | None = None,
     batch_ids: Sequence[UUID] | None = None,
     sweep: bool = True,
+    dispatch_retry_seconds: float = DISPATCH_RETRY_SECONDS,
 ) -> PassReport:
     """One conductor pass. Claims until nothing is ready, the dispatcher is full or ``max_rows``."""
     report = PassReport()
@@ -83,14 +89,15 @@ async def conduct(
             except Exception as exc:
                 unsent, error = rows, exc
             if unsent:
-                # Not sent: give the rows back for a prompt retry instead of waiting out the lease.
+                # Never sent, so never run: hand the rows back with their attempt refunded (an
+                # outage of the workers' platform must not use up retries), after a delay so that
+                # this pass and the next ones do not spin on them while the outage lasts.
                 log.error("dispatch of %d rows to %s failed: %s", len(unsent), function_name, error)
                 report.dispatch_failures += len(unsent)
-                await api.fail(
-                    [
-                        StepFailure(r.task, f"dispatch to {function_name} failed: {error}")
-                        for r in unsent
-                    ]
+                await api.release(
+                    [r.task for r in unsent],
+                    f"dispatch to {function_name} failed: {error}",
+                    delay_seconds=dispatch_retry_seconds,
                 )
             sent = len(rows) - len(unsent)
             report.dispatched += sent
@@ -98,3 +105,52 @@ async def conduct(
         if len(claimed) < limit:
             break
     return report
+
+
+async def conduct_until_idle(
+    api: StateAPI,
+    dispatcher: Dispatcher,
+    *,
+    linger_seconds: float,
+    poll_seconds: float = 0.2,
+    claim_limit: int = 1000,
+    max_rows: int | None = None,
+    batch_ids: Sequence[UUID] | None = None,
+) -> PassReport:
+    """Passes until ``linger_seconds`` go by with nothing to claim (or ``max_rows`` are claimed).
+
+    A flow run costs seconds to start (an event, an automation, a process), while the next step of
+    a wave becomes ready a moment after its workers finish. Lingering briefly lets one run hand
+    that wave on within a poll instead of paying for a new run per step. The run stays stateless:
+    everything it does is a claim, and an overlapping run only finds fewer rows.
+    """
+    total = PassReport()
+    idle_since = time.monotonic()
+    first = True
+    while True:
+        left = None if max_rows is None else max_rows - total.claimed
+        if left is not None and left <= 0:
+            break
+        report = await conduct(
+            api,
+            dispatcher,
+            claim_limit=claim_limit,
+            max_rows=left,
+            batch_ids=batch_ids,
+            sweep=first,
+        )
+        first = False
+        total.swept += report.swept
+        total.claimed += report.claimed
+        total.dispatched += report.dispatched
+        total.dispatch_failures += report.dispatch_failures
+        for name, count in report.by_function.items():
+            total.by_function[name] = total.by_function.get(name, 0) + count
+        now = time.monotonic()
+        if report.claimed:
+            idle_since = now
+        elif now - idle_since >= linger_seconds:
+            break
+        else:
+            await asyncio.sleep(poll_seconds)
+    return total

@@ -185,10 +185,13 @@ class PgStateAPI:
             lambda r: TaskOutcome(_task(r), Outcome(r["outcome"])),
         )
 
-    async def release(self, tasks: Sequence[TaskRef], reason: str) -> list[TaskOutcome]:
+    async def release(
+        self, tasks: Sequence[TaskRef], reason: str, *, delay_seconds: float = 0.0
+    ) -> list[TaskOutcome]:
+        payload = [{**t.to_json(), "reason": reason, "delay_seconds": delay_seconds} for t in tasks]
         return await self._each(
             "release_steps",
-            {"tasks": Jsonb([{**t.to_json(), "reason": reason} for t in tasks])},
+            {"tasks": Jsonb(payload)},
             lambda r: TaskOutcome(_task(r), Outcome(r["outcome"])),
         )
 

@@ -207,8 +207,11 @@ class StateAPI(Protocol):
         """Extend the lease of IN_PROGRESS rows; a refusal means the attempt is over."""
         ...
 
-    async def release(self, tasks: Sequence[TaskRef], reason: str) -> list[TaskOutcome]:
-        """Hand unfinished rows back (PENDING now, attempt refunded): used on clean shutdown."""
+    async def release(
+        self, tasks: Sequence[TaskRef], reason: str, *, delay_seconds: float = 0.0
+    ) -> list[TaskOutcome]:
+        """Hand rows back that never ran to a verdict (PENDING after ``delay_seconds``, attempt
+        refunded): on clean shutdown, and for rows the conductor could not send."""
         ...
 
     async def mark_dispatched(self, dispatches: Sequence[tuple[TaskRef, str]]) -> int:

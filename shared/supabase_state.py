@@ -316,10 +316,13 @@ class SupabaseStateAPI:
             lambda r: TaskOutcome(_task(r), Outcome(r["outcome"])),
         )
 
-    async def release(self, tasks: Sequence[TaskRef], reason: str) -> list[TaskOutcome]:
+    async def release(
+        self, tasks: Sequence[TaskRef], reason: str, *, delay_seconds: float = 0.0
+    ) -> list[TaskOutcome]:
+        payload = [{**t.to_json(), "reason": reason, "delay_seconds": delay_seconds} for t in tasks]
         return await self._each(
             "release_steps",
-            {"p_tasks": [{**t.to_json(), "reason": reason} for t in tasks]},
+            {"p_tasks": payload},
             lambda r: TaskOutcome(_task(r), Outcome(r["outcome"])),
         )
 

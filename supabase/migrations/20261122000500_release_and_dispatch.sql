@@ -1,9 +1,11 @@
 -- Two more guarded transitions for the conductor and the local worker pool.
 
--- A clean shutdown (Ctrl-C, SIGTERM) hands back rows it claimed or started but did not finish:
--- QUEUED | IN_PROGRESS -> PENDING at once, and the attempt is refunded (retry_from + 1) because
--- the step never ran to a verdict. Attempt numbers still increase, so fencing holds.
--- p_tasks: [{batch_id, item_id, step_name, attempt, reason?}]
+-- A clean shutdown (Ctrl-C, SIGTERM) hands back rows it claimed or started but did not finish, and
+-- the conductor hands back rows it could not send to workers: QUEUED | IN_PROGRESS -> PENDING, and
+-- the attempt is refunded (retry_from + 1) because the step never ran to a verdict. Attempt numbers
+-- still increase, so fencing holds. delay_seconds (default 0) keeps a row back, so a conductor
+-- facing an outage does not spin on the same rows.
+-- p_tasks: [{batch_id, item_id, step_name, attempt, reason?, delay_seconds?}]
 create function public.release_steps(p_tasks jsonb)
 returns table (batch_id uuid, item_id uuid, step_name text, attempt integer, outcome text)
 language plpgsql
@@ -15,10 +17,12 @@ begin
   return query
   with input as (
     select * from jsonb_to_recordset(p_tasks)
-      as t(batch_id uuid, item_id uuid, step_name text, attempt integer, reason text)
+      as t(batch_id uuid, item_id uuid, step_name text, attempt integer, reason text,
+           delay_seconds float8)
   ), released as (
     update workflow_states ws
-    set status = 'PENDING', run_after = now(), lease_expires_at = null, started_at = null,
+    set status = 'PENDING', lease_expires_at = null, started_at = null,
+        run_after = now() + make_interval(secs => greatest(coalesce(i.delay_seconds, 0), 0)),
         retry_from = ws.retry_from + 1, updated_at = now(),
         meta = ws.meta || jsonb_build_object('released', jsonb_build_object(
           'attempt', ws.attempt, 'at', now(), 'reason', coalesce(i.reason, 'worker shut down')))

@@ -591,6 +591,19 @@ async def test_release_hands_rows_back_and_refunds_the_attempt(
     }
 
 
+async def test_release_with_a_delay_holds_the_rows_back(state_api: StateAPI, conn: Conn) -> None:
+    batch_id = await state_api.create_batch(["step_a"], [company(0)])
+    claimed = tasks(await claim_all(state_api, batch_id))
+
+    released = await state_api.release(claimed, "dispatch failed", delay_seconds=60)
+
+    assert outcomes(released) == {t: Outcome.OK for t in claimed}
+    [row] = await states(conn, batch_id)
+    assert row["status"] == "PENDING"
+    assert row["run_after"] - row["updated_at"] >= timedelta(seconds=59)
+    assert await state_api.claim(10, batch_ids=[batch_id]) == []  # not before the delay
+
+
 async def test_mark_dispatched_records_the_call_id_of_the_current_attempt(
     state_api: StateAPI, conn: Conn
 ) -> None:
