@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from shared.observability import init_observability
 from shared.state_api import TaskRef
 from shared.state_factory import open_state_api
 from shared.worker import run_chunk
@@ -16,6 +17,7 @@ async def run_function_chunk(
     function_name: str, tasks: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
     """Start, run and complete or fail ``tasks`` with the step handler ``function_name``."""
+    init_observability("worker", function=function_name)
     refs = [TaskRef.from_json(t) for t in tasks]
     api = await open_state_api()
     try:
