@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger
@@ -22,9 +22,27 @@ from flows.dispatchers import (
 )
 from shared.conductor import Dispatcher, conduct_until_idle
 from shared.errors import ConfigurationError
+from shared.observability import init_observability
 from shared.settings import get_settings
 from shared.state_api import StateAPI
 from shared.state_factory import open_state_api
+
+SECRET_BLOCK_ENV = "ENRICH_SERVICE_ROLE_SECRET_BLOCK"
+
+
+async def load_service_role_key() -> None:
+    """Read the Supabase service-role key from the Prefect Secret block named by
+    ``ENRICH_SERVICE_ROLE_SECRET_BLOCK`` (deploy.sh saves it), so the key is never stored in the
+    deployment's job variables, where anyone who can read the deployment would see it."""
+    block = os.environ.get(SECRET_BLOCK_ENV)
+    if not block or os.environ.get("SUPABASE_SERVICE_ROLE_KEY"):
+        return
+    from prefect.blocks.system import Secret
+
+    # aload is typed as returning an unresolved type variable; it returns the block.
+    secret = cast("Secret[Any]", await Secret.aload(block))
+    os.environ["SUPABASE_SERVICE_ROLE_KEY"] = str(secret.get())
+    get_settings.cache_clear()
 
 
 def make_dispatcher(kind: str, api: StateAPI) -> Dispatcher:
@@ -54,7 +72,9 @@ async def conductor(
 ) -> dict[str, Any]:
     """Sweep expired leases, claim every ready row (up to ``max_rows``), dispatch; keep claiming
     while rows keep becoming ready, and exit after ``linger_seconds`` with nothing to claim."""
+    init_observability("conductor", dispatcher=dispatcher)
     logger = get_run_logger()
+    await load_service_role_key()
     api = await open_state_api()
     try:
         report = await conduct_until_idle(

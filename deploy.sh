@@ -1,0 +1,382 @@
+#!/usr/bin/env bash
+# Production deployment: Supabase (database, Vault, Database Webhook), Modal (workers), Prefect Cloud
+# (work pool, conductor deployment with its trigger automation, webhook). No server of our own.
+#
+# Dry run by default: checks the CLIs and the environment, then prints every command it would run,
+# secrets masked as ***. `--apply` runs them. Every step creates or updates, so running it again is
+# safe (and is how an update is deployed).
+#
+# Usage: ./deploy.sh [--apply]
+#
+# Run it from the project's virtualenv: `modal deploy` and `prefect deploy` import the project's code.
+# Needs the CLIs supabase (with `db query`, 2.x), modal, prefect and python3. The environment is
+# listed by `./deploy.sh --help`.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+readonly TEMPLATE_FILE=deploy/prefect_webhook_template.json.j2
+
+# name|description. Required.
+readonly REQUIRED_VARS=(
+    "SUPABASE_ACCESS_TOKEN|a Supabase personal access token (supabase link, supabase db query)"
+    "SUPABASE_PROJECT_REF|the project's reference id (Dashboard > Project Settings > General)"
+    "SUPABASE_DB_PASSWORD|the project's database password (supabase link, supabase db push)"
+    "SUPABASE_URL|https://<project ref>.supabase.co, for the workers and the conductor"
+    "SUPABASE_SERVICE_ROLE_KEY|the project's service-role key, for the workers and the conductor"
+    "PREFECT_API_URL|https://api.prefect.cloud/api/accounts/<id>/workspaces/<id>"
+    "PREFECT_API_KEY|a Prefect Cloud API key"
+    "MODAL_TOKEN_ID|a Modal token id (modal token new)"
+    "MODAL_TOKEN_SECRET|the Modal token's secret"
+    "ENRICH_GIT_REPOSITORY|the https URL of this repository, cloned by each conductor run"
+)
+# Optional, with their defaults.
+readonly OPTIONAL_VARS=(
+    "PREFECT_WEBHOOK_URL|use this webhook URL instead of creating the webhook (default: create or update it and read its URL)"
+    "PREFECT_WEBHOOK_TOKEN|a Prefect service-account API key the webhook requires (Pro/Enterprise), sent as Bearer"
+    "ENRICH_GIT_BRANCH|branch the conductor runs from (main)"
+    "ENRICH_GIT_TOKEN|token for a private repository (empty: public)"
+    "ENRICH_WORK_POOL|Prefect work pool, type modal:push (enrichment-modal)"
+    "ENRICH_MODAL_APP|Modal app name (enrichment-workers)"
+    "ENRICH_MODAL_SECRET|Modal secret holding the Supabase credentials (enrichment-supabase)"
+    "ENRICH_PREFECT_WEBHOOK_NAME|Prefect Cloud webhook name (enrichment-state-changed)"
+    "ENRICH_WEBHOOK_DEBOUNCE_SECONDS|at most one webhook request per this many seconds (2)"
+    "ENRICH_ENVIRONMENT|environment reported to Sentry (production)"
+    "ENRICH_RELEASE|release reported to Sentry and the deployment version (git commit)"
+    "SENTRY_DSN|Sentry DSN; empty: no error reporting"
+)
+readonly REQUIRED_CLIS=(supabase modal prefect python3)
+# Values never printed. WEBHOOK_URL is the URL in use (a Prefect webhook URL is a credential).
+readonly SECRET_VARS=(SUPABASE_ACCESS_TOKEN SUPABASE_DB_PASSWORD SUPABASE_SERVICE_ROLE_KEY
+    PREFECT_API_KEY MODAL_TOKEN_SECRET PREFECT_WEBHOOK_URL PREFECT_WEBHOOK_TOKEN ENRICH_GIT_TOKEN
+    SENTRY_DSN WEBHOOK_URL)
+
+usage() {
+    local entry
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    echo
+    echo "Required environment:"
+    for entry in "${REQUIRED_VARS[@]}"; do printf '  %-32s %s\n' "${entry%%|*}" "${entry#*|}"; done
+    echo "Optional environment:"
+    for entry in "${OPTIONAL_VARS[@]}"; do printf '  %-32s %s\n' "${entry%%|*}" "${entry#*|}"; done
+}
+
+APPLY=0
+for arg in "$@"; do
+    case "$arg" in
+        --apply) APPLY=1 ;;
+        --dry-run) APPLY=0 ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "deploy.sh: unknown argument: $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+# Defaults, exported: prefect.yaml reads them as {{ $NAME }} and modal_app/app.py reads the Modal
+# names.
+export ENRICH_GIT_BRANCH="${ENRICH_GIT_BRANCH:-main}"
+export ENRICH_GIT_TOKEN="${ENRICH_GIT_TOKEN:-}"
+export ENRICH_WORK_POOL="${ENRICH_WORK_POOL:-enrichment-modal}"
+export ENRICH_MODAL_APP="${ENRICH_MODAL_APP:-enrichment-workers}"
+export ENRICH_MODAL_SECRET="${ENRICH_MODAL_SECRET:-enrichment-supabase}"
+export ENRICH_SECRET_BLOCK="${ENRICH_SECRET_BLOCK:-enrichment-supabase-service-role-key}"
+export ENRICH_PREFECT_WEBHOOK_NAME="${ENRICH_PREFECT_WEBHOOK_NAME:-enrichment-state-changed}"
+export ENRICH_WEBHOOK_DEBOUNCE_SECONDS="${ENRICH_WEBHOOK_DEBOUNCE_SECONDS:-2}"
+export ENRICH_ENVIRONMENT="${ENRICH_ENVIRONMENT:-production}"
+if [[ -z "${ENRICH_RELEASE:-}" ]]; then
+    ENRICH_RELEASE="$(git rev-parse --short=12 HEAD 2>/dev/null || echo dev)"
+fi
+export ENRICH_RELEASE
+export SENTRY_DSN="${SENTRY_DSN:-}"
+PREFECT_WEBHOOK_URL="${PREFECT_WEBHOOK_URL:-}"
+PREFECT_WEBHOOK_TOKEN="${PREFECT_WEBHOOK_TOKEN:-}"
+WEBHOOK_URL="$PREFECT_WEBHOOK_URL"
+
+# Preflight ---------------------------------------------------------------------------------------
+
+preflight() {
+    local entry name cli problems=()
+    for entry in "${REQUIRED_VARS[@]}"; do
+        name="${entry%%|*}"
+        if [[ -z "${!name:-}" ]]; then
+            problems+=("missing environment variable $name: ${entry#*|}")
+        fi
+    done
+    for cli in "${REQUIRED_CLIS[@]}"; do
+        if ! command -v "$cli" >/dev/null 2>&1; then
+            problems+=("missing command $cli: install it (and run from the project's virtualenv)")
+        fi
+    done
+    if [[ -n "${SUPABASE_PROJECT_REF:-}" && ! "$SUPABASE_PROJECT_REF" =~ ^[a-z0-9]+$ ]]; then
+        problems+=("SUPABASE_PROJECT_REF must be lowercase letters and digits")
+    fi
+    if [[ -n "${SUPABASE_URL:-}" && ! "$SUPABASE_URL" =~ ^https:// ]]; then
+        problems+=("SUPABASE_URL must start with https://")
+    fi
+    if [[ -n "${PREFECT_API_URL:-}" && ! "$PREFECT_API_URL" =~ /api/accounts/[^/]+/workspaces/[^/]+ ]]; then
+        problems+=("PREFECT_API_URL must be a Prefect Cloud workspace URL (webhooks are a Prefect Cloud feature)")
+    fi
+    if [[ -n "$PREFECT_WEBHOOK_URL" && ! "$PREFECT_WEBHOOK_URL" =~ ^https://[^[:space:]\']+$ ]]; then
+        problems+=("PREFECT_WEBHOOK_URL must be an https URL")
+    fi
+    if [[ ! "$ENRICH_WEBHOOK_DEBOUNCE_SECONDS" =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
+        problems+=("ENRICH_WEBHOOK_DEBOUNCE_SECONDS must be a number of seconds")
+    fi
+    if [[ ! -f "$TEMPLATE_FILE" ]]; then
+        problems+=("missing file $TEMPLATE_FILE")
+    fi
+    if ((${#problems[@]} > 0)); then
+        {
+            echo "deploy.sh: cannot deploy, fix these first:"
+            printf '  - %s\n' "${problems[@]}"
+            echo "See ./deploy.sh --help."
+        } >&2
+        exit 2
+    fi
+}
+
+# Printing and running ----------------------------------------------------------------------------
+
+mask() {
+    local text="$1" name value
+    for name in "${SECRET_VARS[@]}"; do
+        value="${!name:-}"
+        if ((${#value} >= 4)); then
+            text="${text//"$value"/***}"
+        fi
+    done
+    printf '%s' "$text"
+}
+
+# One word as the shell would need it, masked; the webhook template shown as the file it comes from.
+display_word() {
+    local word="$1"
+    if [[ -n "${TEMPLATE_TEXT:-}" && "$word" == "$TEMPLATE_TEXT" ]]; then
+        # shellcheck disable=SC2016 # printed for the reader, not expanded
+        printf '"$(cat %s)"' "$TEMPLATE_FILE"
+        return
+    fi
+    word="$(mask "$word")"
+    if [[ "$word" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+        printf '%s' "$word"
+    else
+        printf "'%s'" "${word//\'/\'\\\'\'}"
+    fi
+}
+
+show() {
+    local line="+" word
+    for word in "$@"; do
+        line+=" $(display_word "$word")"
+    done
+    printf '%s\n' "$line"
+}
+
+run() {
+    show "$@"
+    if ((APPLY)); then
+        "$@"
+    fi
+}
+
+# SQL for the linked project, sent on stdin (never on a command line, where ps would show it).
+run_sql() {
+    show supabase db query --linked
+    printf '  <<SQL\n%s\n  SQL\n' "$(mask "$1" | sed 's/^/    /')"
+    if ((APPLY)); then
+        printf '%s\n' "$1" | supabase db query --linked
+    fi
+}
+
+# Saves the service-role key as a Prefect Secret block; the value comes from the environment.
+readonly SAVE_SECRET_BLOCK='import os, sys
+from prefect.blocks.system import Secret
+Secret(value=os.environ["SUPABASE_SERVICE_ROLE_KEY"]).save(sys.argv[1], overwrite=True)'
+
+# The interpreter the prefect CLI runs on (it has prefect installed), else python3.
+prefect_python() {
+    local shebang
+    shebang="$(head -n1 "$(command -v prefect)" 2>/dev/null || true)"
+    shebang="${shebang#\#!}"
+    if [[ "$shebang" == /* && "$shebang" != *" "* && -x "$shebang" ]]; then
+        printf '%s\n' "$shebang"
+    else
+        printf 'python3\n'
+    fi
+}
+
+STEP=0
+readonly STEPS=10
+step() {
+    STEP=$((STEP + 1))
+    printf '\n== [%d/%d] %s\n' "$STEP" "$STEPS" "$1"
+}
+
+note() {
+    printf '   # %s\n' "$(mask "$1")"
+}
+
+sql_literal() {
+    printf "'%s'" "${1//\'/\'\'}"
+}
+
+# The value of FIELD of the webhook named NAME in `prefect cloud webhook ls --output json` (stdin).
+webhook_field() {
+    python3 -c '
+import json, sys
+text = sys.stdin.read()
+start, end = text.find("["), text.rfind("]")
+hooks = json.loads(text[start : end + 1]) if start >= 0 < end else []
+name, field = sys.argv[1], sys.argv[2]
+for hook in hooks:
+    if isinstance(hook, dict) and hook.get("name") == name:
+        print(hook.get(field) or "")
+        break
+' "$1" "$2"
+}
+
+# Steps -------------------------------------------------------------------------------------------
+
+preflight
+
+if ((APPLY)); then
+    echo "deploy.sh: applying (project $SUPABASE_PROJECT_REF, pool $ENRICH_WORK_POOL, release $ENRICH_RELEASE)"
+else
+    echo "deploy.sh: dry run, nothing is changed (run with --apply to deploy)"
+fi
+
+TEMPLATE_TEXT="$(cat "$TEMPLATE_FILE")"
+TMP_DIR=""
+cleanup() {
+    if [[ -n "$TMP_DIR" ]]; then
+        rm -rf "$TMP_DIR"
+    fi
+}
+trap cleanup EXIT
+
+step "Supabase: link the project (the database password comes from SUPABASE_DB_PASSWORD)"
+run supabase link --project-ref "$SUPABASE_PROJECT_REF"
+
+step "Supabase: push the migrations and the seed (each applied once; the seed is idempotent)"
+run supabase db push --linked --include-seed --yes
+
+step "Modal: create or update the secret $ENRICH_MODAL_SECRET"
+secret_keys=(SUPABASE_URL SUPABASE_SERVICE_ROLE_KEY)
+if [[ -n "$SENTRY_DSN" ]]; then
+    secret_keys+=(SENTRY_DSN SENTRY_ENVIRONMENT SENTRY_RELEASE)
+fi
+if ((APPLY)); then
+    TMP_DIR="$(mktemp -d)"
+    chmod 700 "$TMP_DIR"
+    dotenv="$TMP_DIR/modal-secret.env"
+    : >"$dotenv"
+    chmod 600 "$dotenv"
+    (
+        for key in "${secret_keys[@]}"; do
+            case "$key" in
+                SENTRY_ENVIRONMENT) value="$ENRICH_ENVIRONMENT" ;;
+                SENTRY_RELEASE) value="$ENRICH_RELEASE" ;;
+                *) value="${!key}" ;;
+            esac
+            if [[ "$value" == *"'"* || "$value" == *$'\n'* ]]; then
+                echo "deploy.sh: $key contains a quote or a newline" >&2
+                exit 2
+            fi
+            printf "%s='%s'\n" "$key" "$value"
+        done
+    ) >>"$dotenv"
+else
+    dotenv="<temporary .env file: ${secret_keys[*]}>"
+fi
+note "values go through a private temporary file, not the command line"
+run modal secret create "$ENRICH_MODAL_SECRET" --from-dotenv "$dotenv" --force
+
+step "Modal: deploy the workers (app $ENRICH_MODAL_APP)"
+run modal deploy modal_app/app.py
+
+step "Prefect: create or update the work pool $ENRICH_WORK_POOL (modal:push)"
+note "--provision-infrastructure stores the Modal token as a block, or reuses the existing block"
+run prefect --no-prompt work-pool create "$ENRICH_WORK_POOL" --type modal:push \
+    --provision-infrastructure --overwrite
+
+step "Prefect: store the service-role key as the Secret block $ENRICH_SECRET_BLOCK"
+note "the flow loads it at run time; the value is read from the environment, not the command line"
+export SUPABASE_SERVICE_ROLE_KEY
+run "${ENRICH_PREFECT_PYTHON:-$(prefect_python)}" -c "$SAVE_SECRET_BLOCK" "$ENRICH_SECRET_BLOCK"
+
+step "Prefect: deploy the conductor (schedule, concurrency limit, event trigger automation)"
+run prefect --no-prompt deploy --all --prefect-file prefect.yaml
+
+step "Prefect: create or update the webhook $ENRICH_PREFECT_WEBHOOK_NAME"
+webhook_description="Supabase Database Webhook (pg_net) -> enrichment.state.changed. Managed by deploy.sh."
+if [[ -n "$PREFECT_WEBHOOK_URL" ]]; then
+    note "PREFECT_WEBHOOK_URL is set: using that webhook as it is, creating none"
+else
+    show prefect cloud webhook ls --output json
+    webhook_id=""
+    if ((APPLY)); then
+        webhook_id="$(prefect cloud webhook ls --output json | webhook_field "$ENRICH_PREFECT_WEBHOOK_NAME" id)"
+    fi
+    if ((APPLY)) && [[ -n "$webhook_id" ]]; then
+        run prefect cloud webhook update "$webhook_id" --description "$webhook_description" \
+            --template "$TEMPLATE_TEXT"
+    elif ((APPLY)); then
+        run prefect cloud webhook create "$ENRICH_PREFECT_WEBHOOK_NAME" \
+            --description "$webhook_description" --template "$TEMPLATE_TEXT"
+    else
+        note "when a webhook of that name exists:"
+        run prefect cloud webhook update "<its id>" --description "$webhook_description" \
+            --template "$TEMPLATE_TEXT"
+        note "otherwise:"
+        run prefect cloud webhook create "$ENRICH_PREFECT_WEBHOOK_NAME" \
+            --description "$webhook_description" --template "$TEMPLATE_TEXT"
+    fi
+    show prefect cloud webhook ls --output json
+    note "the URL is ${PREFECT_API_URL%%/api/*}/hooks/<its slug>"
+    if ((APPLY)); then
+        slug="$(prefect cloud webhook ls --output json | webhook_field "$ENRICH_PREFECT_WEBHOOK_NAME" slug)"
+        if [[ -z "$slug" ]]; then
+            echo "deploy.sh: webhook $ENRICH_PREFECT_WEBHOOK_NAME not found after creating it" >&2
+            exit 1
+        fi
+        WEBHOOK_URL="${PREFECT_API_URL%%/api/*}/hooks/$slug"
+    fi
+fi
+
+step "Supabase: store the webhook URL in Vault, the debounce setting, and wire the webhook"
+if [[ -n "$WEBHOOK_URL" ]]; then
+    url_literal="$(sql_literal "$WEBHOOK_URL")"
+else
+    url_literal="'<the webhook URL read in the previous step>'"
+fi
+vault_sql="-- Vault secrets: update when present, else create (vault.update_secret / vault.create_secret).
+select vault.update_secret(id, $url_literal)
+  from vault.secrets where name = 'prefect_webhook_url';
+select vault.create_secret($url_literal, 'prefect_webhook_url', 'Prefect Cloud webhook for enrichment.state.changed (deploy.sh)')
+  where not exists (select 1 from vault.secrets where name = 'prefect_webhook_url');"
+if [[ -n "$PREFECT_WEBHOOK_TOKEN" ]]; then
+    token_literal="$(sql_literal "$PREFECT_WEBHOOK_TOKEN")"
+    vault_sql+="
+select vault.update_secret(id, $token_literal)
+  from vault.secrets where name = 'prefect_webhook_token';
+select vault.create_secret($token_literal, 'prefect_webhook_token', 'Bearer token for the Prefect Cloud webhook (deploy.sh)')
+  where not exists (select 1 from vault.secrets where name = 'prefect_webhook_token');"
+fi
+run_sql "$vault_sql
+-- Settings read at run time; Vault holds the URL, so no plaintext copy is kept.
+insert into public.enrichment_settings (key, value) values
+  ('webhook_debounce_seconds', $(sql_literal "$ENRICH_WEBHOOK_DEBOUNCE_SECONDS")),
+  ('webhook_source', $(sql_literal "$SUPABASE_PROJECT_REF"))
+on conflict (key) do update set value = excluded.value, updated_at = now();
+delete from public.enrichment_settings where key = 'prefect_webhook_url';
+-- Webhook triggers (pg_net) and the pg_cron flush job; idempotent.
+select public.enable_state_webhooks();"
+
+step "Check: the database's webhook status (read only)"
+run_sql "select public.state_webhook_status();"
+
+echo
+if ((APPLY)); then
+    echo "deploy.sh: done. Insert a batch (Studio or enrich) and watch the conductor's runs in Prefect Cloud."
+else
+    echo "deploy.sh: dry run complete; run ./deploy.sh --apply to deploy."
+fi
