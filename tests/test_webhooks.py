@@ -4,8 +4,8 @@ pg_net is not installed here, so the tests create a fake ``net.http_post`` with 
 (``url text, body jsonb, params jsonb, headers jsonb, timeout_milliseconds int``, returning the
 request id) that records each call in ``net.test_requests`` within the calling transaction, as
 pg_net queues its requests in ``net.http_request_queue``. The fake exists before the migrations
-run, so the migration itself wires the triggers, exactly as on Supabase where pg_net is already
-there.
+run, so the wake-up trigger posts from the first statement, exactly as on Supabase where pg_net is
+already there.
 
 Waiting for a debounce window to pass is done by polling the database clock, never by sleeping a
 fixed time; everything else is checked right after the statements that cause it.
@@ -292,7 +292,7 @@ def test_no_url_means_no_request_and_no_error(wdsn: str) -> None:
         assert flush(conn) is None
         status = conn.execute("select public.state_webhook_status() as s").fetchone()
         assert status is not None
-        assert status["s"]["configured"] is False and status["s"]["triggers"] is True
+        assert status["s"]["configured"] is False and status["s"]["webhook"] is True
 
 
 def test_vault_secret_is_preferred_and_the_token_sent(wdsn: str) -> None:
@@ -489,18 +489,9 @@ def test_a_repeatable_read_transaction_records_instead_of_failing(wdsn: str) -> 
 # Migrations and wiring ----------------------------------------------------------------------------
 
 
-def _webhook_triggers(conn: Conn) -> list[str]:
-    rows = conn.execute(
-        "select tgname from pg_trigger where tgrelid = 'public.workflow_states'::regclass"
-        " and tgname like 'workflow_states_webhook_%' order by tgname"
-    ).fetchall()
-    return [str(r["tgname"]) for r in rows]
-
-
 def test_plain_postgres_keeps_pg_notify_only(dsn: str) -> None:
     """The normal test template: no net schema, so the migration wired nothing."""
     with connect(dsn) as conn:
-        assert _webhook_triggers(conn) == []
         row = conn.execute("select public.enable_state_webhooks() as r").fetchone()
         assert row is not None and "pg_notify only" in row["r"]
         configure(conn)
@@ -508,12 +499,17 @@ def test_plain_postgres_keeps_pg_notify_only(dsn: str) -> None:
         assert pending_count(conn) == 0
 
 
-def test_the_migration_wires_the_triggers_when_net_exists(wdsn: str) -> None:
+def test_the_wake_up_trigger_posts_the_webhook_when_net_exists(wdsn: str) -> None:
+    """One trigger per statement does both: pg_notify and, with pg_net, the webhook."""
     with connect(wdsn) as conn:
-        assert _webhook_triggers(conn) == [
-            "workflow_states_webhook_insert",
-            "workflow_states_webhook_update",
-        ]
+        triggers = conn.execute(
+            "select count(*) as n from pg_trigger"
+            " where tgrelid = 'public.workflow_states'::regclass and not tgisinternal"
+        ).fetchone()
+        assert triggers is not None and triggers["n"] == 2  # notify on insert, on update
+        configure(conn)
+        make_batch(conn)
+        assert len(requests(conn)) == 1
 
 
 def test_enable_later_is_idempotent_and_schedules_the_flush(dsn: str) -> None:
@@ -523,11 +519,7 @@ def test_enable_later_is_idempotent_and_schedules_the_flush(dsn: str) -> None:
         for _ in range(2):
             row = conn.execute("select public.enable_state_webhooks() as r").fetchone()
             assert row is not None
-            assert row["r"] == "webhook triggers, pg_cron flush job"
-        assert _webhook_triggers(conn) == [
-            "workflow_states_webhook_insert",
-            "workflow_states_webhook_update",
-        ]
+            assert row["r"] == "database webhook, pg_cron flush job"
         jobs = conn.execute("select jobname, schedule, command from cron.job order by jobname")
         assert [(j["jobname"], j["schedule"]) for j in jobs.fetchall()] == [
             ("enrichment-webhook-flush", "5 seconds"),

@@ -17,6 +17,7 @@ declare
   v_finished bigint;
   v_batch_ids jsonb;
   v_batches bigint;
+  v_change jsonb;
 begin
   select count(*) filter (where c.status = 'PENDING'),
          count(*) filter (where c.status in ('COMPLETED', 'FAILED'))
@@ -30,12 +31,19 @@ begin
     into v_batch_ids, v_batches
   from (select b.batch_id, count(*) over () as total
         from (select distinct c.batch_id from changed c) b limit 100) x;
-  perform pg_notify('enrichment_state_changed', jsonb_build_object(
+  v_change := jsonb_build_object(
     'op', tg_op,
     'batch_ids', v_batch_ids,
     'more_batches', coalesce(v_batches, 0) > 100,
     'ready', v_ready,
-    'finished', v_finished)::text);
+    'finished', v_finished);
+  perform pg_notify('enrichment_state_changed', v_change::text);
+  -- On Supabase the same statement also posts the Database Webhook (pg_net, debounced): see
+  -- 20261122000600_database_webhooks.sql. Plain PostgreSQL has no net schema: pg_notify only.
+  if to_regprocedure('net.http_post(text, jsonb, jsonb, jsonb, integer)') is not null
+     and to_regprocedure('public.state_webhook_notify(jsonb)') is not null then
+    perform public.state_webhook_notify(v_change);
+  end if;
   return null;
 end
 $$;

@@ -1,11 +1,12 @@
 -- Wake-ups over HTTP: the Database Webhook (pg_net) that tells Prefect Cloud a state changed.
 --
--- On Supabase, every statement on workflow_states that makes rows ready or finishes them (the same
--- statements that pg_notify, 20261122000300_wakeups.sql) also POSTs a small JSON body to the Prefect
--- Cloud webhook, which turns it into the event `enrichment.state.changed` that triggers the
--- conductor deployment (prefect.yaml, deploy/prefect_webhook_template.json.j2). On plain
--- PostgreSQL (the embedded default, CI) there is no `net` schema: this migration then adds the
--- functions and tables below but no trigger, and wake-ups stay pg_notify only.
+-- On Supabase, every statement on workflow_states that makes rows ready or finishes them also POSTs
+-- a small JSON body to the Prefect Cloud webhook, which turns it into the event
+-- `enrichment.state.changed` that triggers the conductor deployment (prefect.yaml,
+-- deploy/prefect_webhook_template.json.j2). The same wake-up trigger that sends pg_notify
+-- (notify_state_change, 20261122000300_wakeups.sql) hands its payload to state_webhook_notify()
+-- below whenever net.http_post exists. On plain PostgreSQL (the embedded default, CI) there is no
+-- `net` schema, and wake-ups stay pg_notify only.
 --
 -- Configuration, read at run time (never written in a migration):
 --   * the URL: Vault secret `prefect_webhook_url` (vault.decrypted_secrets) when the vault schema
@@ -310,44 +311,10 @@ begin
 end
 $$;
 
--- The statement-level trigger function: the same statements, counts and batch ids as
--- notify_state_change() (20261122000300_wakeups.sql).
-create function public.webhook_state_change() returns trigger
-language plpgsql
-security definer
-set search_path = public, pg_temp
-as $$
-declare
-  v_ready bigint;
-  v_finished bigint;
-  v_batch_ids jsonb;
-  v_batches bigint;
-begin
-  select count(*) filter (where c.status = 'PENDING'),
-         count(*) filter (where c.status in ('COMPLETED', 'FAILED'))
-    into v_ready, v_finished
-  from changed c;
-  if v_ready = 0 and v_finished = 0 then
-    return null;
-  end if;
-  select coalesce(jsonb_agg(x.batch_id), '[]'::jsonb), max(x.total)
-    into v_batch_ids, v_batches
-  from (select b.batch_id, count(*) over () as total
-        from (select distinct c.batch_id from changed c) b limit 100) x;
-  perform public.state_webhook_notify(jsonb_build_object(
-    'op', tg_op,
-    'batch_ids', v_batch_ids,
-    'more_batches', coalesce(v_batches, 0) > 100,
-    'ready', v_ready,
-    'finished', v_finished));
-  return null;
-end
-$$;
-
 -- Wiring ------------------------------------------------------------------------------------------
 
--- Creates the webhook triggers when pg_net's net.http_post exists, and the pg_cron flush job when
--- pg_cron's cron.schedule exists. Idempotent: run by this migration, and again by deploy.sh (or by
+-- Reports whether the wake-up trigger posts the webhook (it does when pg_net's net.http_post
+-- exists), and creates the pg_cron flush job when pg_cron's cron.schedule exists. Idempotent: run by this migration, and again by deploy.sh (or by
 -- hand) after enabling pg_net or pg_cron later. Returns what it did.
 create function public.enable_state_webhooks() returns text
 language plpgsql
@@ -357,18 +324,10 @@ declare
   v_done text[] := '{}';
   v_cron_version int[];
 begin
+  -- The posting itself is done by notify_state_change(), the wake-up trigger every statement on
+  -- workflow_states already fires (20261122000300_wakeups.sql), as soon as net.http_post exists.
   if to_regprocedure('net.http_post(text, jsonb, jsonb, jsonb, integer)') is not null then
-    drop trigger if exists workflow_states_webhook_insert on public.workflow_states;
-    drop trigger if exists workflow_states_webhook_update on public.workflow_states;
-    create trigger workflow_states_webhook_insert
-      after insert on public.workflow_states
-      referencing new table as changed
-      for each statement execute function public.webhook_state_change();
-    create trigger workflow_states_webhook_update
-      after update on public.workflow_states
-      referencing new table as changed
-      for each statement execute function public.webhook_state_change();
-    v_done := v_done || 'webhook triggers'::text;
+    v_done := v_done || 'database webhook'::text;
   else
     v_done := v_done || 'no net.http_post: pg_notify only'::text;
   end if;
@@ -396,7 +355,7 @@ begin
 end
 $$;
 
--- {configured, window_seconds, last_sent_at, sent_count, pending, triggers}: for deploy checks and
+-- {configured, window_seconds, last_sent_at, sent_count, pending, webhook}: for deploy checks and
 -- debugging. Never shows the URL.
 create function public.state_webhook_status() returns jsonb
 language sql stable
@@ -410,16 +369,14 @@ as $$
     'last_sent_at', (select last_sent_at from enrichment_webhook_debounce where id),
     'sent_count', (select sent_count from enrichment_webhook_debounce where id),
     'pending', (select count(*) from enrichment_webhook_pending),
-    'triggers', exists (select 1 from pg_trigger
-                        where tgrelid = 'public.workflow_states'::regclass
-                          and tgname = 'workflow_states_webhook_update'))
+    'webhook', to_regprocedure('net.http_post(text, jsonb, jsonb, jsonb, integer)') is not null)
 $$;
 
 revoke execute on function public.enrichment_setting(text),
   public.enrichment_setting_number(text, numeric), public.enrichment_secret(text),
   public.state_webhook_post(text, jsonb, jsonb, integer),
   public.state_webhook_send(text, interval, jsonb), public.state_webhook_notify(jsonb),
-  public.flush_state_webhook(), public.webhook_state_change(), public.enable_state_webhooks(),
+  public.flush_state_webhook(), public.enable_state_webhooks(),
   public.state_webhook_status()
   from public, anon, authenticated, service_role;
 grant execute on function public.flush_state_webhook(), public.state_webhook_status() to service_role;
