@@ -207,3 +207,28 @@ def test_batch_list(db: str, csv_file: Path) -> None:
     assert human.exit_code == 0
     assert str(first) in human.stdout
     assert "second" in human.stdout
+
+
+async def test_large_imports_show_progress_on_a_terminal(dsn: str, tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from shared.cli.batch_commands import PROGRESS_BAR_BYTES, import_with_progress
+
+    big = tmp_path / "big.csv"
+    with big.open("w", encoding="utf-8") as out:
+        out.write("name,website,notes\n")
+        row = 0
+        while out.tell() < PROGRESS_BAR_BYTES + 100_000:
+            out.write(f"Company {row},company{row}.com,{'x' * 60}\n")
+            row += 1
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100)
+
+    report = await import_with_progress(
+        console, dsn, big, "step_a", client_id=None, name="big", skip_invalid=False
+    )
+
+    assert report.rows_imported == row
+    assert "importing big.csv" in screen.getvalue()

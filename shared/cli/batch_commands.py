@@ -9,6 +9,7 @@ CSV, an unknown step, an invalid UUID), with nothing written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Coroutine
@@ -134,53 +135,70 @@ def batch_create(
     err = _stderr()
     sep = {v: k for k, v in DELIMITER_NAMES.items()}.get(delimiter) if delimiter else None
     owner = client_id if client_id is not None else get_settings().client_id
+
+    async def go() -> ImportReport:
+        return await import_with_progress(
+            err,
+            await _dsn(),
+            file,
+            steps,
+            client_id=owner,
+            name=name or file.name,
+            skip_invalid=skip_invalid,
+            delimiter=sep,
+        )
+
+    report = _run(go)
+    _print_import_report(err, file, report)
+    click.echo(str(report.batch_id))
+
+
+async def import_with_progress(
+    err: Console,
+    dsn: str,
+    file: Path,
+    steps: str,
+    *,
+    client_id: UUID | None,
+    name: str,
+    skip_invalid: bool,
+    delimiter: str | None = None,
+) -> ImportReport:
+    """import_csv, with a progress bar on a terminal for files large enough to take a while."""
     try:
         size = file.stat().st_size
     except OSError:
         size = 0
-    show_bar = err.is_terminal and size >= PROGRESS_BAR_BYTES
-
-    async def go() -> ImportReport:
-        dsn = await _dsn()
-        if not show_bar:
-            return await import_csv(
-                dsn,
-                file,
-                steps,
-                client_id=owner,
-                name=name or file.name,
-                skip_invalid=skip_invalid,
-                delimiter=sep,
+    with contextlib.ExitStack() as stack:
+        on_progress: Callable[[ImportProgress], None] | None = None
+        if err.is_terminal and size >= PROGRESS_BAR_BYTES:
+            bar = stack.enter_context(
+                Progress(
+                    TextColumn("importing {task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("bytes"),
+                    TimeElapsedColumn(),
+                    console=err,
+                    transient=True,
+                )
             )
-        with Progress(
-            TextColumn("importing {task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("bytes"),
-            TimeElapsedColumn(),
-            console=err,
-            transient=True,
-        ) as bar:
             task = bar.add_task(file.name, total=size)
 
             def on_progress(p: ImportProgress) -> None:
                 bar.update(task, completed=p.bytes_read)
 
-            return await import_csv(
-                dsn,
-                file,
-                steps,
-                client_id=owner,
-                name=name or file.name,
-                skip_invalid=skip_invalid,
-                delimiter=sep,
-                progress=on_progress,
-                progress_every=20_000,
-            )
-
-    report = _run(go)
-    _print_import_report(err, file, report)
-    click.echo(str(report.batch_id))
+        return await import_csv(
+            dsn,
+            file,
+            steps,
+            client_id=client_id,
+            name=name,
+            skip_invalid=skip_invalid,
+            delimiter=delimiter,
+            progress=on_progress,
+            progress_every=20_000,
+        )
 
 
 def _print_import_report(err: Console, file: Path, report: ImportReport) -> None:

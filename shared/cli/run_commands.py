@@ -25,10 +25,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from shared.cli.batch_commands import _print_import_report, _run, _stderr, print_progress
+from shared.cli.batch_commands import (
+    _print_import_report,
+    _run,
+    _stderr,
+    import_with_progress,
+    print_progress,
+)
 from shared.cli.progress import RateMeter, format_duration, print_plain, render
 from shared.db.connect import resolve_dsn
-from shared.importer import import_csv
 from shared.local import LocalRunner
 from shared.pg_state import PgStateAPI
 from shared.settings import get_settings
@@ -201,7 +206,8 @@ def run(
         dsn = await resolve_dsn()
         target = batch_id
         if file is not None:
-            report = await import_csv(
+            report = await import_with_progress(
+                err,
                 dsn,
                 file,
                 steps or "",
