@@ -39,22 +39,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from functools import wraps
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import click
 import httpx
 import psycopg
 
+from shared.cli.errors import friendly_errors
 from shared.db.connect import resolve_dsn
 from shared.db.embedded import EmbeddedPostgres
 from shared.db.migrate import migrate
 from shared.errors import EnrichError
 from shared.settings import Settings, get_settings, mask_dsn
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 HOST = "127.0.0.1"
 DEV_DIR = "dev"
@@ -474,17 +471,6 @@ def prepare_database(settings: Settings) -> tuple[str, str, str]:
 # Commands ---------------------------------------------------------------------------------------
 
 
-def _friendly(fn: Callable[P, R]) -> Callable[P, R]:
-    @wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except EnrichError as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
-
-    return wrapper
-
-
 def _settings(home: Path | None) -> Settings:
     if home is None:
         return get_settings()
@@ -518,7 +504,7 @@ def dev() -> None:
     show_default=True,
     help="Seconds to wait for the Prefect server to answer.",
 )
-@_friendly
+@friendly_errors
 def up(home: Path | None, ui: bool, timeout: float) -> None:
     """Start every part not running yet (idempotent); print the URLs and the DSN."""
     settings = _settings(home)
@@ -593,7 +579,7 @@ def _report(outcome: Outcome, what: str) -> None:
     show_default=True,
     help="Seconds between SIGTERM and SIGKILL.",
 )
-@_friendly
+@friendly_errors
 def down(home: Path | None, stop_all: bool, timeout: float) -> None:
     """Stop what enrich dev up started; the database keeps running unless --all."""
     settings = _settings(home)
@@ -623,7 +609,7 @@ def down(home: Path | None, stop_all: bool, timeout: float) -> None:
 @dev.command("status")
 @home_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-@_friendly
+@friendly_errors
 def status(home: Path | None, as_json: bool) -> None:
     """Each part: pid, alive, port / URL, log file."""
     settings = _settings(home)

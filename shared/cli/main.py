@@ -3,37 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from functools import wraps
-from typing import ParamSpec, TypeVar
 
 import click
 
 from shared.cli.batch_commands import register_batch_commands
 from shared.cli.dev_commands import register_dev_commands
+from shared.cli.errors import friendly_errors
 from shared.cli.ops_commands import register_ops_commands
 from shared.cli.run_commands import register_run_commands
 from shared.db.embedded import EmbeddedPostgres
 from shared.db.migrate import migrate_sync
 from shared.db.migrate import status as migration_status
-from shared.errors import EnrichError
 from shared.settings import get_settings
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Show the project's errors as one clean message and exit 1, without a traceback."""
-
-    @wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except EnrichError as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
-
-    return wrapper
 
 
 @click.group()
@@ -48,7 +29,7 @@ def db() -> None:
 
 
 @db.command("up")
-@_friendly_errors
+@friendly_errors
 def db_up() -> None:
     """Start the private cluster (unless DATABASE_URL is set) and apply pending migrations."""
     settings = get_settings()
@@ -70,7 +51,7 @@ def db_up() -> None:
 
 
 @db.command("status")
-@_friendly_errors
+@friendly_errors
 def db_status() -> None:
     """Show the private cluster (or DATABASE_URL) and applied / pending migrations."""
     settings = get_settings()
@@ -102,7 +83,7 @@ def db_status() -> None:
 
 
 @db.command("down")
-@_friendly_errors
+@friendly_errors
 def db_down() -> None:
     """Stop the private cluster."""
     settings = get_settings()
