@@ -3,7 +3,8 @@
 Output conventions: what a script consumes goes to stdout (the new batch id, alone on the last line;
 ``--json`` documents), everything for a human reading along (header mapping, warnings, progress)
 goes to stderr. Exit codes: 0 success, 1 an unknown batch or a database problem, 2 bad input (a bad
-CSV, an unknown step, an invalid UUID), with nothing written.
+CSV, an unknown step, an invalid UUID), with nothing written, 130 interrupted (Ctrl-C or SIGTERM),
+with one line saying what was written.
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import sys
-from collections.abc import Callable, Coroutine
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn, TypeVar
 from uuid import UUID
 
@@ -36,6 +42,8 @@ T = TypeVar("T")
 
 EXIT_NOT_FOUND = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SHOW_SKIPPED = 20
 # Files above this size get a live progress bar (on a terminal).
 PROGRESS_BAR_BYTES = 2_000_000
@@ -73,18 +81,45 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+class ImportInterrupted(Exception):
+    """A stop signal ended an import; the message says whether the batch was committed."""
+
+    def __init__(self, message: str, batch_id: UUID | None = None) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+
+
+def _fail_with(exc: EnrichError) -> NoReturn:
+    """One line and the documented exit code for one of the project's errors."""
+    if isinstance(exc, InvalidInput):
+        _fail(str(exc), EXIT_BAD_INPUT)
+    if isinstance(exc, NotFound):
+        _fail(str(exc), EXIT_NOT_FOUND)
+    # The base class says nothing the message does not; a subclass names the kind of trouble.
+    kind = "" if type(exc) is EnrichError else f"{type(exc).__name__}: "
+    _fail(f"{kind}{exc}", 1)
+
+
 def _run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine; show the project's errors as one message with the documented exit code."""
+    """Run a coroutine; show the project's errors as one message with the documented exit code.
+
+    A database error counts as the project's error it translates to (an unknown batch exits 1, a
+    refused argument 2), whichever layer raised it. Ctrl-C exits 130 with one line.
+    """
     try:
         return asyncio.run(coro_fn())
-    except InvalidInput as exc:
-        _fail(str(exc), EXIT_BAD_INPUT)
-    except NotFound as exc:
-        _fail(str(exc), EXIT_NOT_FOUND)
+    except ImportInterrupted as exc:
+        _stderr().print(Text(str(exc), style="yellow"))
+        if exc.batch_id is not None:
+            click.echo(str(exc.batch_id))
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        _stderr().print(Text("interrupted", style="yellow"))
+        sys.exit(EXIT_INTERRUPTED)
     except EnrichError as exc:
-        _fail(f"{type(exc).__name__}: {exc}", 1)
+        _fail_with(exc)
     except psycopg.Error as exc:
-        _fail(str(translate_db_error(exc)), 1)
+        _fail_with(translate_db_error(exc))
 
 
 async def _dsn() -> str:
@@ -164,7 +199,10 @@ async def import_with_progress(
     skip_invalid: bool,
     delimiter: str | None = None,
 ) -> ImportReport:
-    """import_csv, with a progress bar on a terminal for files large enough to take a while."""
+    """import_csv, with a progress bar on a terminal for files large enough to take a while.
+
+    Ctrl-C or SIGTERM stops the import and raises ``ImportInterrupted``: see ``_import_or_stop``.
+    """
     try:
         size = file.stat().st_size
     except OSError:
@@ -188,7 +226,7 @@ async def import_with_progress(
             def on_progress(p: ImportProgress) -> None:
                 bar.update(task, completed=p.bytes_read)
 
-        return await import_csv(
+        return await _import_or_stop(
             dsn,
             file,
             steps,
@@ -197,8 +235,129 @@ async def import_with_progress(
             skip_invalid=skip_invalid,
             delimiter=delimiter,
             progress=on_progress,
-            progress_every=20_000,
         )
+
+
+@dataclass
+class _StopRequest:
+    signal: int | None = None  # the first stop signal received
+    committing: bool = False  # the rows are in: let the commit finish
+    over: bool = False  # the import ended: a late cancel would hit the caller
+
+
+async def _import_or_stop(
+    dsn: str,
+    file: Path,
+    steps: str,
+    *,
+    client_id: UUID | None,
+    name: str,
+    skip_invalid: bool,
+    delimiter: str | None,
+    progress: Callable[[ImportProgress], None] | None,
+) -> ImportReport:
+    """import_csv in a transaction of our own, so that a stop signal is reported truthfully.
+
+    The import runs in a savepoint of this transaction, and only this function commits. A first
+    Ctrl-C or SIGTERM while rows stream cancels the import: the transaction was never committed,
+    so nothing was imported. One that arrives once the rows are in lets the commit finish (it is
+    short), and the message names the batch it committed. Either way ``ImportInterrupted`` is
+    raised. A second signal ends the process at once, with that line.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stop = _StopRequest()
+
+    def cancel_unless_committing() -> None:
+        if not stop.committing and not stop.over:
+            task.cancel()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.signal is not None:
+            # Forced: the cleanup waits for a database that does not answer. Leave now; the
+            # server rolls back a transaction whose connection is gone without a COMMIT.
+            message = (
+                "interrupted while committing the import: `enrich batch list` shows whether "
+                "the batch is there"
+                if stop.committing
+                else "interrupted: nothing was imported"
+            )
+            # A live progress bar hid the cursor: show it again.
+            show_cursor = "\x1b[?25h\n" if os.isatty(sys.stderr.fileno()) else ""
+            os.write(sys.stderr.fileno(), f"{show_cursor}{message}\n".encode())
+            os._exit(EXIT_INTERRUPTED)
+        stop.signal = signum
+        loop.call_soon_threadsafe(cancel_unless_committing)
+
+    report: ImportReport | None = None
+    with _signal_handlers(on_signal):
+        try:
+            try:
+                conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+            except psycopg.Error as exc:
+                raise translate_db_error(exc) from exc
+            async with conn, conn.transaction():
+                report = await import_csv(
+                    conn,
+                    file,
+                    steps,
+                    client_id=client_id,
+                    name=name,
+                    skip_invalid=skip_invalid,
+                    delimiter=delimiter,
+                    progress=progress,
+                    progress_every=20_000,
+                )
+                stop.committing = True
+        except BaseException:
+            if stop.signal is None or stop.committing:
+                raise  # not ours: a failure of its own (a failed commit included)
+            _uncancel(task)
+            raise ImportInterrupted("interrupted: nothing was imported") from None
+        finally:
+            stop.over = True
+    assert report is not None
+    if stop.signal is not None:
+        raise ImportInterrupted(
+            f"interrupted after the import committed: batch {report.batch_id} holds "
+            f"{report.rows_imported:,} item(s); run it with: enrich run --batch {report.batch_id}",
+            report.batch_id,
+        )
+    return report
+
+
+def _uncancel(task: asyncio.Task[Any]) -> None:
+    """Take back our own ``task.cancel()`` (Python 3.11+ counts them), so that an enclosing
+    ``asyncio.timeout`` or TaskGroup does not take it for theirs."""
+    cancelling = getattr(task, "cancelling", None)
+    if cancelling is not None and cancelling():
+        task.uncancel()  # type: ignore[attr-defined,unused-ignore]
+
+
+@contextlib.contextmanager
+def _signal_handlers(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM meanwhile, then the previous handlers back.
+
+    A signal ignored when we start (a background job's SIGINT) stays ignored, and one whose
+    handler was not set from Python is left alone (it could not be put back). Only the main
+    thread may set handlers: elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {
+        sig: before
+        for sig in STOP_SIGNALS
+        if (before := signal.getsignal(sig)) is not None and before is not signal.SIG_IGN
+    }
+    try:
+        for sig in previous:
+            signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def _print_import_report(err: Console, file: Path, report: ImportReport) -> None:
@@ -353,4 +512,12 @@ def register_batch_commands(group: click.Group) -> None:
     group.add_command(status)
 
 
-__all__ = ["batch", "fetch_progress", "print_progress", "register_batch_commands", "status"]
+__all__ = [
+    "ImportInterrupted",
+    "batch",
+    "fetch_progress",
+    "import_with_progress",
+    "print_progress",
+    "register_batch_commands",
+    "status",
+]
