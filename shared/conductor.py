@@ -63,8 +63,10 @@ async def conduct(
     batch_ids: Sequence[UUID] | None = None,
     sweep: bool = True,
     dispatch_retry_seconds: float = DISPATCH_RETRY_SECONDS,
+    owner: str | None = None,
 ) -> PassReport:
-    """One conductor pass. Claims until nothing is ready, the dispatcher is full or ``max_rows``."""
+    """One conductor pass. Claims until nothing is ready, the dispatcher is full or ``max_rows``.
+    ``owner`` names the process that will run the rows, when it is this one (the local pool)."""
     report = PassReport()
     if sweep:
         report.swept = len(await api.sweep_expired_leases())
@@ -75,7 +77,7 @@ async def conduct(
             limit = min(limit, max_rows - report.claimed)
         if limit <= 0:
             break
-        claimed = await api.claim(limit, batch_ids=batch_ids)
+        claimed = await api.claim(limit, batch_ids=batch_ids, owner=owner)
         if not claimed:
             break
         report.claimed += len(claimed)

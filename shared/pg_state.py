@@ -50,7 +50,8 @@ def translate_db_error(exc: psycopg.Error) -> EnrichError:
         return InvalidInput(message)
     if exc.sqlstate == "P0002":
         return NotFound(message)
-    if isinstance(exc, psycopg.OperationalError):
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        # Includes a connection lost to a server restart and the pool's "no connection in time".
         return DatabaseUnavailable(message)
     return EnrichError(message)
 
@@ -76,8 +77,14 @@ class PgStateAPI:
             min_size=min_size,
             max_size=max_size,
             open=False,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, "connect_timeout": 10},
             name="enrich-state-api",
+            # After a database restart every pooled connection is dead: check each one as it is
+            # handed out (one round trip), so a call meets a fresh connection, not a failure.
+            check=AsyncConnectionPool.check_connection,
+            # A call waits at most this long for a connection, so an outage shows within seconds
+            # (callers retry DatabaseUnavailable) instead of psycopg_pool's default 30 s.
+            timeout=10,
         )
         try:
             await pool.open(wait=True, timeout=30)
@@ -139,11 +146,13 @@ class PgStateAPI:
         *,
         step_names: Sequence[str] | None = None,
         batch_ids: Sequence[UUID] | None = None,
+        owner: str | None = None,
     ) -> list[ClaimedTask]:
         params = {
             "limit": limit,
             "step_names": None if step_names is None else list(step_names),
             "batch_ids": _uuid_list(batch_ids),
+            "owner": owner,
         }
         return await self._each(
             "claim_steps",
@@ -203,6 +212,21 @@ class PgStateAPI:
     async def sweep_expired_leases(self, limit: int = 10_000) -> list[SweptRow]:
         return await self._each(
             "sweep_expired_leases", {"limit": limit}, lambda r: SweptRow(_task(r), r["status"])
+        )
+
+    async def lease_owners(self, prefix: str, batch_ids: Sequence[UUID] | None = None) -> list[str]:
+        rows = await self._rows(
+            "lease_owners", {"prefix": prefix, "batch_ids": _uuid_list(batch_ids)}
+        )
+        return [str(r["lease_owner"]) for r in rows]
+
+    async def reclaim_orphaned(
+        self, owners: Sequence[str], *, batch_ids: Sequence[UUID] | None = None
+    ) -> list[SweptRow]:
+        return await self._each(
+            "reclaim_orphaned_steps",
+            {"owners": list(owners), "batch_ids": _uuid_list(batch_ids)},
+            lambda r: SweptRow(_task(r), r["status"]),
         )
 
     async def retry_failed(self, batch_id: UUID, step_name: str | None = None) -> int:

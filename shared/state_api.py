@@ -187,8 +187,11 @@ class StateAPI(Protocol):
         *,
         step_names: Sequence[str] | None = None,
         batch_ids: Sequence[UUID] | None = None,
+        owner: str | None = None,
     ) -> list[ClaimedTask]:
-        """Claim up to ``limit`` ready rows (QUEUED, attempt + 1); claimers never overlap."""
+        """Claim up to ``limit`` ready rows (QUEUED, attempt + 1); claimers never overlap. Rows of
+        a cancelled batch are never claimed. ``owner`` records who holds the leases (see
+        ``shared.owner``), for ``reclaim_orphaned``."""
         ...
 
     async def start(self, tasks: Sequence[TaskRef]) -> list[StartedTask]:
@@ -220,6 +223,18 @@ class StateAPI(Protocol):
 
     async def sweep_expired_leases(self, limit: int = 10_000) -> list[SweptRow]:
         """Retry or fail rows whose lease passed; roll up batches with nothing left to run."""
+        ...
+
+    async def lease_owners(self, prefix: str, batch_ids: Sequence[UUID] | None = None) -> list[str]:
+        """The owners (starting with ``prefix``) holding leases of QUEUED or IN_PROGRESS rows."""
+        ...
+
+    async def reclaim_orphaned(
+        self, owners: Sequence[str], *, batch_ids: Sequence[UUID] | None = None
+    ) -> list[SweptRow]:
+        """Take back, now, the rows leased by ``owners``, which the caller found gone: QUEUED rows
+        never started (PENDING, attempt refunded); IN_PROGRESS rows are retried or FAILED as after
+        a lost worker."""
         ...
 
     async def retry_failed(self, batch_id: UUID, step_name: str | None = None) -> int:

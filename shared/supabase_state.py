@@ -267,11 +267,13 @@ class SupabaseStateAPI:
         *,
         step_names: Sequence[str] | None = None,
         batch_ids: Sequence[UUID] | None = None,
+        owner: str | None = None,
     ) -> list[ClaimedTask]:
         params = {
             "p_limit": limit,
             "p_step_names": None if step_names is None else list(step_names),
             "p_batch_ids": _uuid_list(batch_ids),
+            "p_owner": owner,
         }
         return await self._each(
             "claim_steps",
@@ -334,6 +336,21 @@ class SupabaseStateAPI:
         return await self._each(
             "sweep_expired_leases",
             {"p_limit": limit},
+            lambda r: SweptRow(_task(r), str(r["status"])),
+        )
+
+    async def lease_owners(self, prefix: str, batch_ids: Sequence[UUID] | None = None) -> list[str]:
+        rows = await self._rows(
+            "lease_owners", {"p_prefix": prefix, "p_batch_ids": _uuid_list(batch_ids)}
+        )
+        return [str(r["lease_owner"]) for r in rows]
+
+    async def reclaim_orphaned(
+        self, owners: Sequence[str], *, batch_ids: Sequence[UUID] | None = None
+    ) -> list[SweptRow]:
+        return await self._each(
+            "reclaim_orphaned_steps",
+            {"p_owners": list(owners), "p_batch_ids": _uuid_list(batch_ids)},
             lambda r: SweptRow(_task(r), str(r["status"])),
         )
 

@@ -505,6 +505,7 @@ def test_the_wake_up_trigger_posts_the_webhook_when_net_exists(wdsn: str) -> Non
         triggers = conn.execute(
             "select count(*) as n from pg_trigger"
             " where tgrelid = 'public.workflow_states'::regclass and not tgisinternal"
+            " and tgfoid = 'public.notify_state_change'::regproc"
         ).fetchone()
         assert triggers is not None and triggers["n"] == 2  # notify on insert, on update
         configure(conn)

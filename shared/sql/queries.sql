@@ -6,7 +6,7 @@ select public.create_batch(%(blueprint)s, %(items)s, %(client_id)s, %(name)s) as
 
 -- name: claim_steps
 select batch_id, item_id, step_name, attempt, modal_function_name, step_type::text, lease_expires_at
-from public.claim_steps(%(limit)s, %(step_names)s, %(batch_ids)s);
+from public.claim_steps(%(limit)s, %(step_names)s, %(batch_ids)s, %(owner)s);
 
 -- name: start_steps
 select batch_id, item_id, step_name, attempt, outcome, raw_data, config
@@ -24,6 +24,13 @@ select batch_id, item_id, step_name, attempt, outcome from public.heartbeat_step
 
 -- name: sweep_expired_leases
 select batch_id, item_id, step_name, attempt, status::text from public.sweep_expired_leases(%(limit)s);
+
+-- name: lease_owners
+select lease_owner, leased from public.lease_owners(%(prefix)s, %(batch_ids)s);
+
+-- name: reclaim_orphaned_steps
+select batch_id, item_id, step_name, attempt, status::text
+from public.reclaim_orphaned_steps(%(owners)s, %(batch_ids)s);
 
 -- name: retry_failed
 select public.retry_failed(%(batch_id)s, %(step_name)s) as retried;

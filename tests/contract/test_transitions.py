@@ -528,9 +528,13 @@ async def test_sweep_retries_expired_leases_then_fails_them(
     rows = await states(conn, batch_id)
     assert [r["status"] for r in rows] == ["PENDING", "PENDING"]
     assert [r["lease_expires_at"] for r in rows] == [None, None]
+    # The started row used its attempt; the row that never started got it back.
     assert rows[0]["meta"]["last_error"]["kind"] == "lease_expired"
     assert "IN_PROGRESS" in rows[0]["meta"]["last_error"]["message"]
-    assert "QUEUED" in rows[1]["meta"]["last_error"]["message"]
+    assert (rows[0]["retry_from"], rows[1]["retry_from"]) == (0, 1)
+    assert "last_error" not in rows[1]["meta"]
+    assert "never started" in rows[1]["meta"]["released"]["reason"]
+    assert rows[1]["meta"]["lease_refunds"] == 1
 
     again = tasks(await claim_all(state_api, batch_id))
     assert {t.attempt for t in again} == {2}
@@ -539,14 +543,32 @@ async def test_sweep_retries_expired_leases_then_fails_them(
     final = await state_api.sweep_expired_leases()
 
     assert sorted((s.task.item_id, s.task.attempt, s.status) for s in final) == sorted(
-        [(items[0], 2, "FAILED"), (items[1], 2, "FAILED")]
+        [(items[0], 2, "FAILED"), (items[1], 2, "PENDING")]
     )
-    for row in await states(conn, batch_id):
-        assert row["status"] == "FAILED"
-        assert "lease expired" in row["meta"]["error"]
+    failed, refunded = await states(conn, batch_id)
+    assert failed["status"] == "FAILED"
+    assert "lease expired" in failed["meta"]["error"]
+    assert (refunded["status"], refunded["retry_from"]) == ("PENDING", 2)
     progress = await state_api.batch_progress(batch_id)
-    assert progress.status == "FAILED"
-    assert progress.steps == {"slow": counts(FAILED=2)}
+    assert progress.steps == {"slow": counts(FAILED=1, PENDING=1)}
+
+
+async def test_a_row_that_never_starts_is_refunded_three_times_then_counts(
+    state_api: StateAPI, conn: Conn
+) -> None:
+    """A worker that never comes up must not keep a row alive forever."""
+    await register_step(conn, "slow", {"max_attempts": 1, "backoff_seconds": 0})
+    batch_id = await state_api.create_batch(["slow"], [company(0)])
+    statuses = []
+    for _ in range(4):
+        assert len(await claim_all(state_api, batch_id)) == 1
+        assert await expire_leases(conn, batch_id) == 1
+        [swept] = await state_api.sweep_expired_leases()
+        statuses.append(swept.status)
+    assert statuses == ["PENDING", "PENDING", "PENDING", "FAILED"]
+    [row] = await states(conn, batch_id)
+    assert "lease expired while QUEUED" in row["meta"]["error"]
+    assert (await state_api.batch_progress(batch_id)).status == "FAILED"
 
 
 async def test_sweep_rolls_up_a_batch_left_with_nothing_to_run(
