@@ -22,14 +22,19 @@ from uuid import UUID
 import psycopg
 
 from shared.conductor import PassReport, conduct
+from shared.errors import DatabaseUnavailable
+from shared.outage import Outage
+from shared.owner import host_owners_prefix, owner_gone, process_owner
 from shared.state_api import ClaimedTask, StateAPI, TaskRef
 from shared.steps import StepHandler
-from shared.worker import ChunkReport, run_chunk
+from shared.worker import DEFAULT_OUTAGE_SECONDS, ChunkReport, cancel_and_wait, run_chunk
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "enrichment_state_changed"
 MIN_CHUNK = 50
+# How long stopping may take to hand rows back (the database may be the reason we stop).
+STOP_SECONDS = 6.0
 
 
 @dataclass
@@ -51,8 +56,11 @@ class PoolStats:
 
 
 class LocalDispatcher:
-    """A bounded in-process worker pool. ``capacity()`` keeps the conductor from claiming more than
-    the pool can start soon, so claimed rows do not sit QUEUED while their leases run out."""
+    """A bounded in-process worker pool. Each dispatched chunk starts at once as its own task, and
+    a row's slot is freed as soon as its verdict is written: a slow or hung call holds its own
+    slot (until its step's timeout cuts it off), never a whole chunk or a worker. ``capacity()``
+    keeps the conductor from claiming more than the pool can start now, so claimed rows never sit
+    QUEUED in a local queue while their leases run out."""
 
     def __init__(
         self,
@@ -63,6 +71,7 @@ class LocalDispatcher:
         workers: int = 4,
         handlers: Mapping[str, StepHandler] | None = None,
         on_chunk_done: Callable[[], None] | None = None,
+        outage_seconds: float | None = DEFAULT_OUTAGE_SECONDS,
     ) -> None:
         if max_in_flight < 1 or chunk_size < 1 or workers < 1:
             raise ValueError("max_in_flight, chunk_size and workers must be at least 1")
@@ -72,8 +81,8 @@ class LocalDispatcher:
         self._worker_count = workers
         self._handlers = handlers
         self._on_chunk_done = on_chunk_done
-        self._queue: asyncio.Queue[tuple[str, list[TaskRef]]] = asyncio.Queue()
-        self._workers: list[asyncio.Task[None]] = []
+        self._outage_seconds = outage_seconds
+        self._chunks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self.stats = PoolStats()
 
@@ -86,54 +95,63 @@ class LocalDispatcher:
 
     async def dispatch(self, function_name: str, claimed: Sequence[ClaimedTask]) -> None:
         tasks = [c.task for c in claimed]
-        # Spread a wave over the workers so their database calls overlap, but never into chunks so
-        # small that per-statement overhead dominates.
+        # Spread a wave over `workers` chunks so their database calls overlap, but never into
+        # chunks so small that per-statement overhead dominates.
         spread = -(-len(tasks) // self._worker_count)
         size = min(self._chunk_size, max(spread, MIN_CHUNK))
         for i in range(0, len(tasks), size):
             chunk = tasks[i : i + size]
             self._in_flight += len(chunk)
-            self._queue.put_nowait((function_name, chunk))
+            runner = asyncio.create_task(self._run(function_name, chunk), name="enrich-chunk")
+            self._chunks.add(runner)
+            runner.add_done_callback(self._chunks.discard)
 
-    def start(self) -> None:
-        if not self._workers:
-            self._workers = [
-                asyncio.create_task(self._work(), name=f"enrich-worker-{i}")
-                for i in range(self._worker_count)
-            ]
+    async def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """Cancel running chunks: each hands back its unfinished rows and writes the verdicts it
+        has. Waits at most ``timeout``: a chunk that cannot finish by then (the database is down)
+        is left behind, and its rows come back when their leases expire or the next run of this
+        batch finds their holder gone."""
+        chunks = set(self._chunks)
+        for chunk in chunks:
+            chunk.cancel()
+        if not chunks:
+            return
+        _, late = await asyncio.wait(chunks, timeout=timeout)
+        if late:
+            log.warning(
+                "%d chunks did not stop within %.0fs; left to their leases", len(late), timeout
+            )
 
-    async def stop(self) -> None:
-        """Cancel running chunks (they release their unfinished rows) and release queued ones."""
-        for worker in self._workers:
-            worker.cancel()
-        for worker in self._workers:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await worker
-        self._workers = []
-        queued: list[TaskRef] = []
-        while not self._queue.empty():
-            _, chunk = self._queue.get_nowait()
-            queued.extend(chunk)
-        if queued:
-            outcomes = await self._api.release(queued, "worker pool stopped before starting it")
-            self.stats.released += sum(o.ok for o in outcomes)
-            self._in_flight -= len(queued)
+    async def _run(self, function_name: str, chunk: list[TaskRef]) -> None:
+        report = ChunkReport()
+        holding = len(chunk)
 
-    async def _work(self) -> None:
-        while True:
-            function_name, chunk = await self._queue.get()
-            try:
-                report = await run_chunk(self._api, function_name, chunk, handlers=self._handlers)
-                self.stats.add(report)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # The database was unreachable mid-chunk: the rows' leases will bring them back.
-                log.exception("chunk of %d %s tasks failed", len(chunk), function_name)
-            finally:
-                self._in_flight -= len(chunk)
-                if self._on_chunk_done is not None:
-                    self._on_chunk_done()
+        def settled(n: int) -> None:
+            nonlocal holding
+            n = min(n, holding)
+            holding -= n
+            self._in_flight -= n
+            if n and self._on_chunk_done is not None:
+                self._on_chunk_done()
+
+        try:
+            await run_chunk(
+                self._api,
+                function_name,
+                chunk,
+                handlers=self._handlers,
+                concurrency=len(chunk),  # the pool's bound is max_in_flight, not a per-chunk one
+                on_settled=settled,
+                outage_seconds=self._outage_seconds,
+                report=report,
+            )
+        except DatabaseUnavailable as exc:
+            log.warning("%d %s rows left to their leases: %s", len(chunk), function_name, exc)
+        except Exception:
+            log.exception("chunk of %d %s tasks failed", len(chunk), function_name)
+        finally:
+            self.stats.add(report)
+            settled(holding)
 
 
 @dataclass
@@ -142,10 +160,16 @@ class RunnerStats:
     notifications: int = 0
     claimed: int = 0
     swept: int = 0
+    reclaimed: int = 0
 
 
 class LocalRunner:
-    """The conductor loop plus a local worker pool, until ``stop()`` or ``until()`` says done."""
+    """The conductor loop plus a local worker pool, until ``stop()`` or ``until()`` says done.
+
+    The database going away (a restart, a failover, maintenance) is ridden out: passes are retried
+    with backoff while the workers keep their verdicts and write them once it is back. After
+    ``outage_seconds`` without it (None: never), ``run`` raises ``DatabaseGone``.
+    """
 
     def __init__(
         self,
@@ -159,6 +183,7 @@ class LocalRunner:
         claim_limit: int = 600,
         sweep_interval: float = 5.0,
         handlers: Mapping[str, StepHandler] | None = None,
+        outage_seconds: float | None = DEFAULT_OUTAGE_SECONDS,
     ) -> None:
         self._dsn = dsn
         self._api = api
@@ -168,6 +193,8 @@ class LocalRunner:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._listening = asyncio.Event()
+        self.owner = process_owner()
+        self.outage = Outage(outage_seconds)
         self.dispatcher = LocalDispatcher(
             api,
             max_in_flight=max_in_flight,
@@ -175,6 +202,7 @@ class LocalRunner:
             workers=workers,
             handlers=handlers,
             on_chunk_done=self._wake.set,
+            outage_seconds=outage_seconds,
         )
         self.stats = RunnerStats()
 
@@ -192,45 +220,86 @@ class LocalRunner:
     async def run(self, until: Callable[[], Awaitable[bool]] | None = None) -> RunnerStats:
         """Run passes until stopped, or until ``until()`` is true while nothing is in flight."""
         listener = asyncio.create_task(self._listen(), name="enrich-listen")
-        self.dispatcher.start()
         last_sweep = float("-inf")
         try:
             while not self._stopping.is_set():
                 self._wake.clear()
                 now = time.monotonic()
                 sweep = now - last_sweep >= self._sweep_interval
+                try:
+                    report = await self._pass(sweep)
+                    done = (
+                        until is not None
+                        and report.claimed == 0
+                        and self.dispatcher.in_flight == 0
+                        and await until()
+                    )
+                except DatabaseUnavailable as exc:
+                    await self._wait_out(exc)
+                    continue
                 if sweep:
                     last_sweep = now
-                report = await self._pass(sweep)
-                if (
-                    until is not None
-                    and report.claimed == 0
-                    and self.dispatcher.in_flight == 0
-                    and await until()
-                ):
+                self._recovered()
+                if done:
                     break
                 timeout = max(self._sweep_interval - (time.monotonic() - last_sweep), 0.0)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                await self._sleep(timeout)
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            await cancel_and_wait(listener)
             await asyncio.shield(self.dispatcher.stop())
         return self.stats
 
+    async def _wait_out(self, exc: DatabaseUnavailable) -> None:
+        """A pass failed for want of the database: wait before the next (raises DatabaseGone once
+        the outage has lasted too long)."""
+        first = not self.outage.ongoing
+        delay = self.outage.failed(exc)
+        if first:
+            limit = self.outage.limit_seconds
+            log.warning(
+                "database unavailable (%s); reconnecting%s",
+                exc,
+                f", for up to {limit:.0f}s" if limit is not None else "",
+            )
+        await self._sleep(delay)
+
+    def _recovered(self) -> None:
+        lasted = self.outage.recovered()
+        if lasted is not None:
+            log.warning("database back after %.1fs; carrying on", lasted)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep until woken (a notification, freed capacity, stop) or ``seconds`` pass."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
     async def _pass(self, sweep: bool) -> PassReport:
+        if sweep:
+            self.stats.reclaimed += await self._reclaim_orphans()
         report = await conduct(
             self._api,
             self.dispatcher,
             claim_limit=self._claim_limit,
             batch_ids=self._batch_ids,
             sweep=sweep,
+            owner=self.owner,
         )
         self.stats.passes += 1
         self.stats.claimed += report.claimed
         self.stats.swept += report.swept
         return report
+
+    async def _reclaim_orphans(self) -> int:
+        """Take back, now, rows leased by processes of this machine that are gone (kill -9, a
+        crash): never-started rows get their attempt back, instead of all waiting out a lease."""
+        owners = await self._api.lease_owners(host_owners_prefix(), self._batch_ids)
+        gone = [o for o in owners if o != self.owner and owner_gone(o)]
+        if not gone:
+            return 0
+        rows = await self._api.reclaim_orphaned(gone, batch_ids=self._batch_ids)
+        if rows:
+            log.warning("took back %d rows from %d stopped process(es)", len(rows), len(gone))
+        return len(rows)
 
     def _relevant(self, payload: str) -> bool:
         if self._batch_ids is None:
@@ -248,7 +317,7 @@ class LocalRunner:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self._dsn, autocommit=True
+                    self._dsn, autocommit=True, connect_timeout=10
                 ) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self._listening.set()
@@ -261,10 +330,9 @@ class LocalRunner:
                             self._wake.set()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
+                # Expected while the database restarts; the passes report outages to the user.
                 self._listening.clear()
-                log.warning(
-                    "lost the LISTEN connection; reconnecting in %.1fs", delay, exc_info=True
-                )
+                log.debug("lost the LISTEN connection (%s); reconnecting in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
