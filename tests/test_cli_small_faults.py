@@ -1,10 +1,10 @@
 """Small faults of the command line (issue 11, item 8), each against a real PostgreSQL.
 
 - Ctrl-C (SIGINT) during a CSV import exits 130 with one line saying what was written.
+- The private cluster's socket directory removed while the server runs: ``enrich db status``
+  says the server cannot be reached, ``enrich db up`` restarts it, other commands say to.
 - ``enrich export`` (and ``retry`` / ``cancel``) give the documented exit code for each failure:
   2 when the command line cannot work as given, 1 for an unknown batch or a database problem.
-
-The embedded cluster's lost socket directory is tested in ``tests/test_embedded.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +22,12 @@ from uuid import UUID
 
 import psycopg
 import pytest
+from click.testing import CliRunner, Result
 from rich.console import Console
 
-from shared.settings import get_settings
+from shared.cli.main import main
+from shared.db.embedded import EmbeddedPostgres
+from shared.settings import Settings, get_settings
 from tests.conftest import wait_for
 
 # Enough rows that the COPY runs for a good while on a slow machine, few enough to write quickly.
@@ -46,6 +50,10 @@ def big_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         out.write("name,website,city\n")
         out.writelines(f"Company {i},company{i}.com,City {i % 97}\n" for i in range(BIG_ROWS))
     return path
+
+
+def enrich(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def counts(dsn: str) -> tuple[int, int, int]:
@@ -176,3 +184,82 @@ async def test_a_signal_once_the_rows_are_in_lets_the_commit_finish_and_says_so(
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     task = asyncio.current_task()
     assert task is not None and not task.cancelling()
+
+
+# The private cluster loses its socket directory ---------------------------------------------------
+
+
+@pytest.fixture
+def private_home(short_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The CLI on its own private cluster under ``short_home`` (no DATABASE_URL)."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("ENRICH_HOME", str(short_home))
+    get_settings.cache_clear()
+    yield short_home
+    get_settings.cache_clear()
+
+
+def test_a_lost_socket_directory_is_reported_and_db_up_repairs_it(private_home: Path) -> None:
+    cluster = EmbeddedPostgres(home=private_home, settings=Settings(enrich_home=private_home))
+    up = enrich("db", "up")
+    assert up.exit_code == 0, up.output
+    before = cluster.status()
+    assert before.running
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        conn.execute("create table kept (x int)")
+        conn.execute("insert into kept values (42)")
+    socket_dir = private_home / "pg" / "run"
+    shutil.rmtree(socket_dir)
+
+    status = enrich("db", "status")
+    assert status.exit_code == 1
+    assert f"private cluster: running (pid {before.pid}), unreachable" in status.stdout
+    assert f"its socket directory {socket_dir} is gone" in status.stderr
+    assert "`enrich db up` restarts it" in status.stderr
+    assert "Traceback" not in status.output
+    assert not cluster.status().reachable
+
+    listed = enrich("batch", "list")  # any other command: the advice, no restart behind our back
+    assert listed.exit_code == 1
+    assert "cannot be reached" in listed.stderr and "`enrich db up`" in listed.stderr
+    assert cluster.status().pid == before.pid
+
+    repaired = enrich("db", "up")
+    assert repaired.exit_code == 0, repaired.output
+    assert "private cluster restarted: its socket" in repaired.stdout
+    after = cluster.status()
+    assert after.reachable and after.pid != before.pid
+    mode = socket_dir.stat()
+    assert oct(mode.st_mode & 0o777) == "0o700"
+    assert mode.st_uid == (private_home / "pg" / "data").stat().st_uid
+    with psycopg.connect(cluster.dsn) as conn:
+        assert conn.execute("select x from kept").fetchone() == (42,)
+    status = enrich("db", "status")
+    assert status.exit_code == 0, status.output
+    assert f"private cluster: running (pid {after.pid})\n" in status.stdout
+    assert "none pending" in status.stdout
+    again = enrich("db", "up")
+    assert again.exit_code == 0 and "restarted" not in again.stdout
+    assert cluster.status().pid == after.pid
+
+
+def test_a_lost_socket_file_refuses_a_plain_start_and_repair_restarts(short_home: Path) -> None:
+    from shared.errors import EmbeddedPostgresError
+
+    cluster = EmbeddedPostgres(home=short_home, settings=Settings(enrich_home=short_home))
+    cluster.start()
+    pid = cluster.status().pid
+    socket = short_home / "pg" / "run" / ".s.PGSQL.5432"
+    socket.unlink()
+
+    assert cluster.status().problem == f"its socket {socket} is gone"
+    with pytest.raises(EmbeddedPostgresError, match="cannot be reached: its socket"):
+        cluster.start()
+    assert cluster.status().pid == pid and cluster.restarted_because is None
+
+    assert cluster.start(repair=True) == cluster.dsn
+    assert cluster.restarted_because == f"its socket {socket} is gone"
+    st = cluster.status()
+    assert st.reachable and st.pid != pid
+    with psycopg.connect(cluster.dsn) as conn:
+        assert conn.execute("select current_database()").fetchone() == ("enrich",)

@@ -36,7 +36,9 @@ def db_up() -> None:
     dsn = settings.database_dsn
     if dsn is None:
         cluster = EmbeddedPostgres(settings=settings)
-        dsn = cluster.start()
+        dsn = cluster.start(repair=True)
+        if cluster.restarted_because is not None:
+            click.echo(f"private cluster restarted: {cluster.restarted_because}")
         click.echo(f"private cluster running: {cluster.data_dir}")
         shown = dsn
     else:
@@ -63,10 +65,17 @@ def db_status() -> None:
             if st.running
             else ("stopped" if st.initialized else "not initialised")
         )
+        if st.problem is not None:
+            state += ", unreachable"
         click.echo(f"private cluster: {state}")
         click.echo(f"  data dir: {st.data_dir}")
         click.echo(f"  dsn:      {st.dsn}")
         click.echo(f"  server:   PostgreSQL {st.version or 'not found'} ({st.bin_dir or '-'})")
+        if st.problem is not None:
+            raise click.ClickException(
+                f"the server runs but takes no new connection: {st.problem}. "
+                "`enrich db up` restarts it (closing the connections it still has)"
+            )
         if not st.running:
             return
         dsn = st.dsn

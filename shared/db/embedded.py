@@ -6,6 +6,12 @@ to the user that owns the cluster. PostgreSQL refuses to run as root, so as root
 to the ``postgres`` OS user and every server command runs through ``runuser -u postgres --``.
 
 Starting is idempotent and safe when several processes start it at once (an ``fcntl`` lock).
+
+The server makes its socket once, at start. If the socket directory (or the socket) is removed
+while it runs, it keeps serving the connections it has but can accept no new one: ``status()``
+says so, and ``start(repair=True)`` (``enrich db up``) recreates the directory and restarts it.
+Other starts refuse with that advice rather than restart a server whose open connections may
+still be doing work.
 """
 
 from __future__ import annotations
@@ -69,6 +75,12 @@ class EmbeddedStatus:
     dsn: str
     version: str | None
     bin_dir: Path | None
+    # Why a running server cannot take new connections (its socket is gone), else None.
+    problem: str | None = None
+
+    @property
+    def reachable(self) -> bool:
+        return self.running and self.problem is None
 
 
 def find_bin_dir(configured: Path | None = None, data_dir: Path | None = None) -> Path:
@@ -146,6 +158,8 @@ class EmbeddedPostgres:
         self.database = database
         self._configured_bin_dir = bin_dir if bin_dir is not None else cfg.pg_bin_dir
         self._bin_dir: Path | None = None
+        # Set by start(repair=True) when it restarted a server that had lost its socket.
+        self.restarted_because: str | None = None
 
     # -- public API --------------------------------------------------------------------------
 
@@ -164,53 +178,51 @@ class EmbeddedPostgres:
             self._bin_dir = find_bin_dir(self._configured_bin_dir, self.data_dir)
         return self._bin_dir
 
-    def start(self) -> str:
+    def start(self, *, repair: bool = False) -> str:
         """Initialise (first time) and start the cluster, create the database; return its DSN.
 
-        A no-op when it already runs. Safe to call from several processes at once.
+        A no-op when it already runs. Safe to call from several processes at once. A server that
+        runs but lost its socket is restarted with ``repair=True`` (its open connections end;
+        ``restarted_because`` then says why); without it, that is an ``EmbeddedPostgresError``.
         """
         self._check_socket_path()
         self.home.mkdir(parents=True, exist_ok=True)
         with self._locked():
             owner = self._owner()
+            problem = self._socket_problem() if self._initialized() else None
             self._prepare_dirs(owner)
-            if not (self.data_dir / "PG_VERSION").is_file():
+            if not self._initialized():
                 self._initdb()
             if not self._is_running():
                 self._pg_ctl_start()
+            elif problem is not None:
+                if not repair:
+                    raise EmbeddedPostgresError(
+                        f"the private cluster runs (pid {self._postmaster_pid()}) but cannot be "
+                        f"reached: {problem}. `enrich db up` restarts it (closing the "
+                        "connections it still has)"
+                    )
+                self._pg_ctl_stop()
+                self._pg_ctl_start()
+                self.restarted_because = problem
             self._create_database()
         return self.dsn
 
     def stop(self) -> bool:
         """Stop the cluster (``pg_ctl stop -m fast``); return whether it was running."""
-        if not (self.data_dir / "PG_VERSION").is_file():
+        if not self._initialized():
             return False
         self.home.mkdir(parents=True, exist_ok=True)
         with self._locked():
             if not self._is_running():
                 return False
-            result = self._run_pg(
-                [
-                    str(self.bin_dir / "pg_ctl"),
-                    "stop",
-                    "-D",
-                    str(self.data_dir),
-                    "-m",
-                    "fast",
-                    "-w",
-                    "-t",
-                    str(START_TIMEOUT_S),
-                ],
-            )
-            if result.returncode != 0:
-                raise EmbeddedPostgresError(
-                    f"pg_ctl stop failed ({result.returncode}): {result.stderr.strip()}"
-                )
+            self._pg_ctl_stop()
             return True
 
     def status(self) -> EmbeddedStatus:
-        """Whether the cluster runs, its postmaster pid, data dir, DSN and server version."""
-        initialized = (self.data_dir / "PG_VERSION").is_file()
+        """Whether the cluster runs (and can be reached), its postmaster pid, data dir, DSN and
+        server version."""
+        initialized = self._initialized()
         try:
             bin_dir: Path | None = self.bin_dir
         except EmbeddedPostgresError:
@@ -224,6 +236,7 @@ class EmbeddedPostgres:
             dsn=self.dsn,
             version=self._version(bin_dir),
             bin_dir=bin_dir,
+            problem=self._socket_problem() if running else None,
         )
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
@@ -333,6 +346,52 @@ class EmbeddedPostgres:
         conf = SERVER_CONFIG.format(socket_dir=self.socket_dir, port=PORT)
         with (self.data_dir / "postgresql.conf").open("a") as fh:
             fh.write(conf)
+
+    def _initialized(self) -> bool:
+        return (self.data_dir / "PG_VERSION").is_file()
+
+    def _socket_problem(self) -> str | None:
+        """Why a server that says it is ready has no socket to connect to, or None.
+
+        The postmaster creates its socket once, at start, and never again: a removed socket (or
+        socket directory) stays missing until a restart. A server still starting or stopping
+        has none by right.
+        """
+        if self._postmaster_state() != "ready":
+            return None
+        if not self.socket_dir.is_dir():
+            return f"its socket directory {self.socket_dir} is gone"
+        socket = self.socket_dir / f".s.PGSQL.{PORT}"
+        if not socket.is_socket():
+            return f"its socket {socket} is gone"
+        return None
+
+    def _postmaster_state(self) -> str | None:
+        """The status line of ``postmaster.pid`` (``ready``, ``starting``, ``stopping``...)."""
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return None
+        return lines[7].strip() if len(lines) > 7 else None
+
+    def _pg_ctl_stop(self) -> None:
+        result = self._run_pg(
+            [
+                str(self.bin_dir / "pg_ctl"),
+                "stop",
+                "-D",
+                str(self.data_dir),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                str(START_TIMEOUT_S),
+            ],
+        )
+        if result.returncode != 0:
+            raise EmbeddedPostgresError(
+                f"pg_ctl stop failed ({result.returncode}): {result.stderr.strip()}"
+            )
 
     def _is_running(self) -> bool:
         if not (self.data_dir / "postmaster.pid").exists():
