@@ -14,6 +14,7 @@ import io
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -263,3 +264,139 @@ def test_a_lost_socket_file_refuses_a_plain_start_and_repair_restarts(short_home
     assert st.reachable and st.pid != pid
     with psycopg.connect(cluster.dsn) as conn:
         assert conn.execute("select current_database()").fetchone() == ("enrich",)
+
+
+# Exit codes of export -----------------------------------------------------------------------------
+
+MISSING = "00000000-0000-4000-8000-00000000dead"
+EXPORT_CSV = "name,website,step_a.status,step_a.error\nAcme,acme.com,PENDING,\n"
+
+
+@pytest.fixture
+def small_batch(db: str, tmp_path: Path) -> str:
+    source = tmp_path / "in.csv"
+    source.write_text("name,website\nAcme,acme.com\n", encoding="utf-8")
+    created = enrich("batch", "create", str(source), "--steps", "step_a")
+    assert created.exit_code == 0, created.stderr
+    source.unlink()
+    return created.stdout.strip().splitlines()[-1]
+
+
+def test_export_refuses_an_output_it_cannot_create_with_2_and_nothing_done(
+    small_batch: str, tmp_path: Path
+) -> None:
+    """Whatever stops the output being created is bad input, found before the database is asked
+    (an unknown batch does not hide it): 2, and nothing written anywhere."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if os.geteuid() == 0:
+        unwritable = Path("/proc")  # root may write anywhere os.access looks, but not there
+    else:
+        unwritable = tmp_path / "read-only"
+        unwritable.mkdir(mode=0o500)
+    cases = {
+        str(out / "nope" / "x.csv"): "no such directory",
+        str(unwritable / "x.csv"): "cannot write",
+        str(out / ("a" * 300 + ".csv")): "File name too long",
+    }
+    for target, reason in cases.items():
+        for batch_id in (small_batch, MISSING):
+            result = enrich("export", batch_id, "-o", target)
+            assert result.exit_code == 2, (target, result.stderr)
+            assert result.stderr.startswith(f"error: cannot write {target}: "), result.stderr
+            assert reason in result.stderr
+            assert "Traceback" not in result.stderr and "EnrichError" not in result.stderr
+    assert list(out.iterdir()) == []
+    assert not list(unwritable.glob(".x.csv.*"))
+
+
+def test_export_writes_a_long_but_valid_file_name(small_batch: str, tmp_path: Path) -> None:
+    """Its temporary name (a dot, a suffix) must not be what is too long."""
+    target = tmp_path / ("b" * 250 + ".csv")
+    result = enrich("export", small_batch, "-o", str(target))
+    assert result.exit_code == 0, result.stderr
+    assert target.read_text(encoding="utf-8") == EXPORT_CSV
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_export_fails_with_1_when_writing_fails_once_it_runs(db: str, small_batch: str) -> None:
+    with open(os.devnull, "rb") as stdin, open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "shared.cli.main", "export", small_batch, "-o", "-"],
+            stdin=stdin,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "DATABASE_URL": db},
+            timeout=60,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: cannot write stdout: No space left on device"
+
+
+def test_export_writes_a_fifo_in_place(small_batch: str, tmp_path: Path) -> None:
+    """A FIFO (or /dev/null, /dev/stdout) is written to, never replaced by a regular file."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
+    try:
+        result = enrich("export", small_batch, "-o", str(fifo))
+        assert result.exit_code == 0, result.stderr
+        assert fifo.is_fifo()
+        out, _ = reader.communicate(timeout=30)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.communicate()
+    assert out == EXPORT_CSV
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
+def test_export_to_a_device_writes_it_and_a_full_one_fails_with_1(
+    small_batch: str, tmp_path: Path
+) -> None:
+    null = tmp_path / "null"
+    full = tmp_path / "full"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # what /dev/null is
+    os.mknod(full, 0o666 | stat.S_IFCHR, os.makedev(1, 7))  # what /dev/full is
+
+    assert enrich("export", small_batch, "-o", str(null)).exit_code == 0
+    failed = enrich("export", small_batch, "-o", str(full))
+
+    assert failed.exit_code == 1
+    assert failed.stderr.strip() == f"error: cannot write {full}: No space left on device"
+    assert stat.S_ISCHR(null.stat().st_mode) and stat.S_ISCHR(full.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "null"]
+
+
+def test_export_without_a_database_exits_1(
+    small_batch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@/enrich?host={tmp_path}")
+    get_settings.cache_clear()
+    result = enrich("export", small_batch, "-o", str(tmp_path / "x.csv"))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: DatabaseUnavailable: "), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_gives_database_errors_the_exit_code_of_their_translation() -> None:
+    """An error the State API functions raise with SQLSTATE 22023 is a refused argument (2), one
+    with P0002 an unknown thing (1), whichever layer let it through."""
+    from shared.cli.batch_commands import _run
+    from shared.errors import EnrichError
+
+    def exit_code(exc: BaseException) -> object:
+        async def raising() -> None:
+            raise exc
+
+        with pytest.raises(SystemExit) as stopped:
+            _run(raising)
+        return stopped.value.code
+
+    assert exit_code(psycopg.errors.InvalidParameterValue("a refused argument")) == 2
+    assert exit_code(psycopg.errors.NoDataFound("batch x not found")) == 1
+    assert exit_code(psycopg.errors.UndefinedTable("no such table")) == 1
+    assert exit_code(EnrichError("plain")) == 1
+    assert exit_code(KeyboardInterrupt()) == 130

@@ -13,7 +13,11 @@ file is written to a temporary name beside it and renamed at the end: a failed e
 previous file untouched and no partial one.
 
 Output conventions as ``batch_commands``: data on stdout, messages on stderr; exit 0 success, 1 an
-unknown batch or a database problem, 2 bad input.
+unknown batch or a database problem, 2 bad input, 130 interrupted. For ``export`` bad input
+includes an output that cannot be created (no such directory, permission denied, a name too
+long, a read-only file system): that is tried before the database is asked, so it is refused
+with nothing done. A failure once the export runs (a full disk, an I/O error, a closed pipe)
+exits 1, the previous file untouched.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +47,7 @@ from rich.text import Text
 
 from shared.cli.batch_commands import EXIT_BAD_INPUT, _fail, _run, _stderr
 from shared.db.connect import resolve_dsn
-from shared.errors import EnrichError
+from shared.errors import EnrichError, InvalidInput
 from shared.pg_state import PgStateAPI
 from shared.queries import query
 
@@ -227,6 +233,55 @@ def _json_loads(data: str | bytes) -> Any:
 # Writing --------------------------------------------------------------------------------------
 
 
+def _destination(target: str) -> tuple[Path, bool]:
+    """Where a file export really goes, and whether it is written in place.
+
+    A symlink is followed (its target is replaced, the link kept, as ``>`` would). A device, a
+    FIFO or a socket (``/dev/null``, ``/dev/stdout``, ``<(...)``) is written in place: renaming a
+    file over it would replace ``/dev/null`` itself.
+    """
+    try:
+        mode = os.stat(target).st_mode  # through links, /proc's magic ones (/dev/stdout) included
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        return Path(target), True
+    return Path(os.path.realpath(target)), False
+
+
+def _temporary(path: Path) -> Path:
+    """The temporary file beside ``path``: hidden, unique, and never a name too long."""
+    name = path.name if len(os.fsencode(path.name)) <= 200 else "export"
+    return path.with_name(f".{name}.{uuid4().hex[:12]}.tmp")
+
+
+def check_output(target: str) -> None:
+    """Raise ``InvalidInput`` when an export could not write ``target``, with nothing left behind.
+
+    It does what ``open_output`` will do (create the temporary file beside the target) and
+    undoes it, rather than guess from permission bits: ``os.access`` says yes to root on a
+    read-only or immutable directory, and knows nothing of names too long.
+    """
+    if target == "-":
+        return
+    parent = Path(target).parent
+    if not parent.is_dir():
+        raise InvalidInput(f"cannot write {target}: no such directory {str(parent)!r}")
+    path, in_place = _destination(target)
+    try:
+        if in_place:
+            if not os.access(path, os.W_OK):
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+            return
+        if len(os.fsencode(path.name)) > os.pathconf(path.parent, "PC_NAME_MAX"):
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        tmp = _temporary(path)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        tmp.unlink()
+    except OSError as exc:
+        raise InvalidInput(f"cannot write {target}: {exc.strerror or exc}") from None
+
+
 @contextlib.contextmanager
 def open_output(target: str) -> Iterator[TextSink]:
     """A UTF-8 text sink to ``target`` (``-``: stdout), replacing the file atomically on success.
@@ -234,7 +289,7 @@ def open_output(target: str) -> Iterator[TextSink]:
     The temporary file is created with mode 0666 minus the umask, like any new file, so the result
     gets the permissions ``>`` would give it. Stdout gets UTF-8 whatever the locale, with no
     newline translation; its bytes go straight to ``sys.stdout.buffer`` (no wrapper that could
-    close it).
+    close it). A device or a FIFO is written in place (see ``_destination``).
     """
     if target == "-":
         sys.stdout.flush()
@@ -246,8 +301,12 @@ def open_output(target: str) -> Iterator[TextSink]:
         yield codecs.getwriter("utf-8")(binary)
         binary.flush()
         return
-    path = Path(target)
-    tmp = path.with_name(f".{path.name}.{uuid4().hex[:12]}.tmp")
+    path, in_place = _destination(target)
+    if in_place:
+        with path.open("w", encoding="utf-8", newline="") as out:
+            yield out
+        return
+    tmp = _temporary(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with open(fd, "w", encoding="utf-8", newline="") as out:
@@ -389,12 +448,10 @@ def export(batch_id: UUID, output: str, fmt: Format | None, status: StatusFilter
     """
     err = _stderr()
     chosen: Format = fmt or ("jsonl" if output.lower().endswith(JSONL_SUFFIXES) else "csv")
-    if output != "-":
-        parent = Path(output).parent
-        if not parent.is_dir():
-            _fail(f"cannot write {output}: no such directory {str(parent)!r}", EXIT_BAD_INPUT)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            _fail(f"cannot write {output}: permission denied on {str(parent)!r}", EXIT_BAD_INPUT)
+    try:
+        check_output(output)
+    except InvalidInput as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
 
     async def go() -> ExportReport:
         dsn = await resolve_dsn()
@@ -497,8 +554,10 @@ __all__ = [
     "StepColumns",
     "build_plan",
     "cancel",
+    "check_output",
     "export",
     "export_batch",
+    "open_output",
     "register_ops_commands",
     "retry",
     "rows_query",
