@@ -400,3 +400,19 @@ def test_run_gives_database_errors_the_exit_code_of_their_translation() -> None:
     assert exit_code(psycopg.errors.UndefinedTable("no such table")) == 1
     assert exit_code(EnrichError("plain")) == 1
     assert exit_code(KeyboardInterrupt()) == 130
+
+
+def test_ctrl_c_in_a_db_or_dev_command_exits_130_not_aborted() -> None:
+    import click
+
+    from shared.cli.errors import friendly_errors
+
+    @click.command()
+    @friendly_errors
+    def waits() -> None:
+        raise KeyboardInterrupt
+
+    result = CliRunner().invoke(waits, [])
+    assert result.exit_code == 130
+    assert result.stderr == "interrupted\n"
+    assert result.stdout == ""

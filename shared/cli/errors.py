@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import wraps
 from typing import ParamSpec, TypeVar
@@ -13,9 +14,12 @@ from shared.errors import EnrichError
 P = ParamSpec("P")
 R = TypeVar("R")
 
+EXIT_INTERRUPTED = 130
+
 
 def friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Show the project's errors as one clean message and exit 1, without a traceback."""
+    """Show the project's errors as one clean message and exit 1, without a traceback; Ctrl-C
+    exits 130 (as the README promises), not click's "Aborted!" and 1."""
 
     @wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -23,5 +27,8 @@ def friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except EnrichError as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
