@@ -227,16 +227,12 @@ class LocalRunner:
                 now = time.monotonic()
                 sweep = now - last_sweep >= self._sweep_interval
                 try:
-                    report = await self._pass(sweep)
-                    done = (
-                        until is not None
-                        and report.claimed == 0
-                        and self.dispatcher.in_flight == 0
-                        and await until()
-                    )
+                    done = await self._unless_stopped(self._pass_and_check(sweep, until))
                 except DatabaseUnavailable as exc:
                     await self._wait_out(exc)
                     continue
+                if done is None:  # stopped mid-pass
+                    break
                 if sweep:
                     last_sweep = now
                 self._recovered()
@@ -246,8 +242,38 @@ class LocalRunner:
                 await self._sleep(timeout)
         finally:
             await cancel_and_wait(listener)
-            await asyncio.shield(self.dispatcher.stop())
+            # While the database is away there is no one to hand rows back to: do not wait for it.
+            stop_timeout = 1.0 if self.outage.ongoing else STOP_SECONDS
+            await asyncio.shield(self.dispatcher.stop(stop_timeout))
         return self.stats
+
+    async def _pass_and_check(
+        self, sweep: bool, until: Callable[[], Awaitable[bool]] | None
+    ) -> bool:
+        report = await self._pass(sweep)
+        return (
+            until is not None
+            and report.claimed == 0
+            and self.dispatcher.in_flight == 0
+            and await until()
+        )
+
+    async def _unless_stopped(self, call: Awaitable[bool]) -> bool | None:
+        """``await call``, cancelled by ``stop()``: a pass waiting on an unreachable database
+        must not hold up Ctrl-C. None when stopped first."""
+        task = asyncio.ensure_future(call)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if not task.done():
+            await cancel_and_wait(task)
+            return None
+        return task.result()
 
     async def _wait_out(self, exc: DatabaseUnavailable) -> None:
         """A pass failed for want of the database: wait before the next (raises DatabaseGone once

@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("ENRICH_STEP_MODULES", "step_modules"),
         description="Comma-separated modules whose HANDLERS dict adds step handlers.",
     )
+    db_outage_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        validation_alias=AliasChoices("ENRICH_DB_OUTAGE_SECONDS", "db_outage_seconds"),
+        description="How long `enrich run` rides out an unreachable database (a restart, a "
+        "failover) before it stops with its resume command. `enrich serve` never gives up.",
+    )
     log_level: LogLevel = Field(
         default="INFO",
         validation_alias=AliasChoices("ENRICH_LOG_LEVEL", "LOG_LEVEL", "log_level"),

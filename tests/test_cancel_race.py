@@ -46,7 +46,9 @@ async def test_a_cancel_waits_for_completions_in_flight_and_cancels_what_they_se
 ) -> None:
     batch_id = await api.create_batch(TWO_STEPS, [company(i) for i in range(20)])
     started = await claim_and_start(api, batch_id)
-    payload = [{**t.to_json(), "result": {"domain": f"d{i}.example"}} for i, t in enumerate(started)]
+    payload = [
+        {**t.to_json(), "result": {"domain": f"d{i}.example"}} for i, t in enumerate(started)
+    ]
 
     async with await psycopg.AsyncConnection.connect(dsn) as completer:
         await completer.execute("select * from public.complete_steps(%s)", (Jsonb(payload),))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -71,10 +72,8 @@ async def test_a_hung_call_is_cut_off_and_its_chunk_mates_are_written_at_once(
     async def handler(raw: Mapping[str, Any], ctx: StepContext) -> dict[str, Any]:
         if raw["n"] == 0:
             while not release.is_set():  # hangs, and shrugs off cancellation
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await release.wait()
-                except asyncio.CancelledError:
-                    pass
         return {"n": raw["n"]}
 
     settled: list[int] = []

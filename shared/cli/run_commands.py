@@ -3,8 +3,10 @@
 ``enrich run FILE.csv --steps a,b`` imports the file as a batch and runs it to the end in this
 process: the conductor loop woken by the database, a local worker pool, live progress. Ctrl-C (or
 SIGTERM) stops cleanly: unfinished rows go back to PENDING with no attempt used, and
-``enrich run --batch ID`` resumes. Exit codes: 0 every item completed, 3 the batch finished with
-failed items, 130 interrupted, 1/2 as the other commands (database problem / bad input).
+``enrich run --batch ID`` resumes. A database restart is ridden out: the run reconnects and goes
+on; only a database gone for longer than ``ENRICH_DB_OUTAGE_SECONDS`` ends it, with one line and
+the resume command. Exit codes: 0 every item completed, 3 the batch finished with failed items,
+130 interrupted, 1/2 as the other commands (database problem / bad input).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -32,9 +35,12 @@ from shared.cli.batch_commands import (
     import_with_progress,
     print_progress,
 )
+from shared.cli.logs import configure_cli_logging
 from shared.cli.progress import RateMeter, format_duration, print_plain, render
 from shared.db.connect import resolve_dsn
+from shared.errors import DatabaseUnavailable
 from shared.local import LocalRunner
+from shared.outage import DatabaseGone
 from shared.pg_state import PgStateAPI
 from shared.settings import get_settings
 from shared.state_api import BatchProgress
@@ -43,7 +49,10 @@ from shared.steps.plugins import load_handlers
 
 EXIT_FAILED_ITEMS = 3
 EXIT_INTERRUPTED = 130
+EXIT_DATABASE_GONE = 1
 PLAIN_PROGRESS_EVERY = 5.0
+# How long the summary after a stop may wait for the database.
+FINAL_SECONDS = 3.0
 
 TOP_ERRORS = """
 select step_name, meta ->> 'error' as error, count(*) as n
@@ -62,6 +71,7 @@ def _local_runner(
     *,
     sweep_interval: float,
     batch_ids: list[UUID] | None = None,
+    outage_seconds: float | None = None,
 ) -> LocalRunner:
     """The pool sized by --concurrency: waves of at most 600 rows in chunks of at most 150, the
     sizes bench/throughput.py found to keep the hand-off short at full throughput."""
@@ -75,6 +85,7 @@ def _local_runner(
         workers=workers,
         sweep_interval=sweep_interval,
         handlers=handlers,
+        outage_seconds=outage_seconds,
     )
 
 
@@ -96,25 +107,47 @@ def _install_stop_handlers(runner: LocalRunner) -> None:
             loop.add_signal_handler(sig, on_signal)
 
 
+async def _progress_or_none(api: PgStateAPI, batch_id: UUID) -> BatchProgress | None:
+    """The batch's progress, or None while the database is unreachable (the runner says so)."""
+    try:
+        return await api.batch_progress(batch_id)
+    except DatabaseUnavailable:
+        return None
+
+
 async def _watch(api: PgStateAPI, batch_id: UUID, console: Console, started: float) -> None:
     """Redraw progress every half second (a plain line every few seconds off a terminal)."""
     meter = RateMeter()
     if console.is_terminal:
         with Live(console=console, refresh_per_second=4, transient=True) as live:
             while True:
-                progress = await api.batch_progress(batch_id)
-                meter.add(progress)
-                live.update(render(progress, meter, time.monotonic() - started))
+                shown = await _progress_or_none(api, batch_id)
+                if shown is not None:
+                    meter.add(shown)
+                    live.update(render(shown, meter, time.monotonic() - started))
                 await asyncio.sleep(0.5)
     last = 0.0
     while True:
-        progress = await api.batch_progress(batch_id)
+        progress = await _progress_or_none(api, batch_id)
+        if progress is None:
+            await asyncio.sleep(1.0)
+            continue
         meter.add(progress)
         now = time.monotonic()
         if now - last >= PLAIN_PROGRESS_EVERY:
             print_plain(console, progress, meter, now - started)
             last = now
         await asyncio.sleep(1.0)
+
+
+@dataclass
+class RunOutcome:
+    """How ``run_batch`` ended. ``progress`` is None when the database could not be asked."""
+
+    progress: BatchProgress | None
+    interrupted: bool
+    seconds: float
+    gone: DatabaseGone | None = None
 
 
 async def run_batch(
@@ -125,16 +158,25 @@ async def run_batch(
     workers: int,
     handlers: Mapping[str, StepHandler],
     console: Console,
-) -> tuple[BatchProgress, bool, float]:
-    """Run ``batch_id`` until it finishes or a stop signal; returns (progress, interrupted, s)."""
+    outage_seconds: float | None = None,
+) -> RunOutcome:
+    """Run ``batch_id`` until it finishes, a stop signal, or the database stays away too long."""
     api = await PgStateAPI.open(dsn, max_size=workers + 4)
     async with api:
         runner = _local_runner(
-            dsn, api, concurrency, workers, handlers, sweep_interval=1.0, batch_ids=[batch_id]
+            dsn,
+            api,
+            concurrency,
+            workers,
+            handlers,
+            sweep_interval=1.0,
+            batch_ids=[batch_id],
+            outage_seconds=outage_seconds,
         )
         _install_stop_handlers(runner)
         started = time.monotonic()
         finished = False
+        gone: DatabaseGone | None = None
 
         async def until() -> bool:
             nonlocal finished
@@ -144,18 +186,30 @@ async def run_batch(
         watcher = asyncio.create_task(_watch(api, batch_id, console, started))
         try:
             await runner.run(until=until)
+        except DatabaseGone as exc:
+            gone = exc
         finally:
             watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-        return await api.batch_progress(batch_id), not finished, time.monotonic() - started
+            await asyncio.wait({watcher})
+        progress = None
+        if gone is None and not runner.outage.ongoing:
+            # Interrupted while the database is away: stop now, without a summary.
+            with contextlib.suppress(asyncio.TimeoutError):
+                progress = await asyncio.wait_for(_progress_or_none(api, batch_id), FINAL_SECONDS)
+        return RunOutcome(progress, not finished, time.monotonic() - started, gone)
 
 
 async def _top_errors(dsn: str, batch_id: UUID) -> list[dict[str, Any]]:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-        await cur.execute(TOP_ERRORS, {"batch_id": batch_id})
-        return await cur.fetchall()
+    """The most common errors of the batch's failed rows; none if the database cannot say."""
+    try:
+        async with await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, connect_timeout=int(FINAL_SECONDS)
+        ) as conn:
+            cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+            await cur.execute(TOP_ERRORS, {"batch_id": batch_id})
+            return await cur.fetchall()
+    except psycopg.OperationalError:
+        return []
 
 
 @click.command("run")
@@ -200,8 +254,9 @@ def run(
         raise click.UsageError("--steps belongs to a new batch; --batch resumes with its own")
     settings = get_settings()
     err = _stderr()
+    configure_cli_logging(settings.log_level)
 
-    async def go() -> tuple[UUID, BatchProgress, bool, float, list[dict[str, Any]]]:
+    async def go() -> tuple[UUID, RunOutcome, list[dict[str, Any]]]:
         handlers = load_handlers(settings.step_modules)
         dsn = await resolve_dsn()
         target = batch_id
@@ -219,13 +274,31 @@ def run(
             target = report.batch_id
             err.print(Text.assemble(("batch ", "bold"), str(target)))
         assert target is not None
-        progress, interrupted, seconds = await run_batch(
-            dsn, target, concurrency=concurrency, workers=workers, handlers=handlers, console=err
+        outcome = await run_batch(
+            dsn,
+            target,
+            concurrency=concurrency,
+            workers=workers,
+            handlers=handlers,
+            console=err,
+            outage_seconds=settings.db_outage_seconds,
         )
-        errors = await _top_errors(dsn, target) if progress.items_failed else []
-        return target, progress, interrupted, seconds, errors
+        failed = outcome.progress is not None and outcome.progress.items_failed
+        errors = await _top_errors(dsn, target) if failed else []
+        return target, outcome, errors
 
-    target, progress, interrupted, seconds, errors = _run(go)
+    target, outcome, errors = _run(go)
+    resume = f"resume with: enrich run --batch {target}"
+    if outcome.gone is not None:
+        err.print(Text.assemble(("error: ", "bold red"), str(outcome.gone)))
+        err.print(resume)
+        click.echo(str(target))
+        sys.exit(EXIT_DATABASE_GONE)
+    progress, interrupted, seconds = outcome.progress, outcome.interrupted, outcome.seconds
+    if progress is None:
+        err.print(Text.assemble(("stopped ", "yellow"), "(the database did not answer). ", resume))
+        click.echo(str(target))
+        sys.exit(EXIT_INTERRUPTED)
     print_progress(err, progress)
     done = progress.items_completed + progress.items_failed
     rate = sum(c["COMPLETED"] for c in progress.steps.values()) / seconds if seconds > 0 else 0.0
@@ -234,9 +307,7 @@ def run(
         f"({rate:,.0f} steps/s)"
     )
     if interrupted:
-        err.print(
-            Text.assemble(("stopped. ", "yellow"), f"resume with: enrich run --batch {target}")
-        )
+        err.print(Text.assemble(("stopped. ", "yellow"), resume))
         click.echo(str(target))
         sys.exit(EXIT_INTERRUPTED)
     if progress.items_failed:
@@ -272,6 +343,7 @@ def serve(concurrency: int, workers: int, sweep_interval: float) -> None:
     (Supabase Studio, psql, enrich batch create), until Ctrl-C or SIGTERM."""
     settings = get_settings()
     err = _stderr()
+    configure_cli_logging(settings.log_level)
 
     async def go() -> None:
         handlers = load_handlers(settings.step_modules)
