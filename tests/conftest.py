@@ -26,6 +26,7 @@ from psycopg.conninfo import make_conninfo
 
 from shared.db.embedded import EmbeddedPostgres
 from shared.db.migrate import migrate
+from shared.pg_state import PgStateAPI
 from shared.settings import Settings, get_settings
 
 TEMPLATE_DB = "enrich_template"
@@ -159,6 +160,16 @@ async def conn(dsn: str) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, 
         yield aconn
     finally:
         await aconn.close()
+
+
+@pytest.fixture
+async def api(dsn: str) -> AsyncIterator[PgStateAPI]:
+    """The State API on this test's database (modules may define their own ``api``)."""
+    state_api = await PgStateAPI.open(dsn)
+    try:
+        yield state_api
+    finally:
+        await state_api.close()
 
 
 @pytest.fixture

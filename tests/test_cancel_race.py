@@ -9,10 +9,8 @@ and stayed PENDING, to be run by the next claimer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import psycopg
-import pytest
 from psycopg.types.json import Jsonb
 
 from shared.pg_state import PgStateAPI
@@ -21,15 +19,6 @@ from tests.contract import TWO_STEPS, claim_and_start, company, states
 from tests.test_worker_faults import poll
 
 Conn = psycopg.AsyncConnection[tuple[object, ...]]
-
-
-@pytest.fixture
-async def api(dsn: str) -> AsyncIterator[PgStateAPI]:
-    state_api = await PgStateAPI.open(dsn)
-    try:
-        yield state_api
-    finally:
-        await state_api.close()
 
 
 async def waiting_backends(conn: Conn) -> int:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -30,15 +30,6 @@ from shared.worker import run_chunk
 from tests.contract import company, register_step, states
 
 Conn = psycopg.AsyncConnection[tuple[object, ...]]
-
-
-@pytest.fixture
-async def api(dsn: str) -> AsyncIterator[PgStateAPI]:
-    state_api = await PgStateAPI.open(dsn)
-    try:
-        yield state_api
-    finally:
-        await state_api.close()
 
 
 async def poll(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:

@@ -29,6 +29,7 @@ from rich.live import Live
 from rich.text import Text
 
 from shared.cli.batch_commands import (
+    ImportInterrupted,
     _print_import_report,
     _run,
     _stderr,
@@ -274,15 +275,22 @@ def run(
             target = report.batch_id
             err.print(Text.assemble(("batch ", "bold"), str(target)))
         assert target is not None
-        outcome = await run_batch(
-            dsn,
-            target,
-            concurrency=concurrency,
-            workers=workers,
-            handlers=handlers,
-            console=err,
-            outage_seconds=settings.db_outage_seconds,
-        )
+        try:
+            outcome = await run_batch(
+                dsn,
+                target,
+                concurrency=concurrency,
+                workers=workers,
+                handlers=handlers,
+                console=err,
+                outage_seconds=settings.db_outage_seconds,
+            )
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            # Ctrl-C before the run's own stop handler was in place (it was connecting).
+            raise ImportInterrupted(
+                f"interrupted before the run started; resume with: enrich run --batch {target}",
+                target,
+            ) from None
         failed = outcome.progress is not None and outcome.progress.items_failed
         errors = await _top_errors(dsn, target) if failed else []
         return target, outcome, errors

@@ -55,7 +55,7 @@ declare
 begin
   -- Sorted, so two transactions never wait on each other in opposite orders.
   for v_batch in select distinct b from unnest(p_batch_ids) b order by 1 loop
-    perform pg_advisory_xact_lock_shared(7101, batch_lock_key(v_batch));
+    perform pg_advisory_xact_lock_shared(7101, public.batch_lock_key(v_batch));
   end loop;
 end
 $$;
@@ -256,7 +256,7 @@ language plpgsql
 as $$
 begin
   if exists (select 1 from changed c where c.status in ('PENDING', 'COMPLETED', 'FAILED')) then
-    perform durable_commit();
+    perform public.durable_commit();
   end if;
   return null;
 end
@@ -327,6 +327,30 @@ $$;
 create function public.max_lease_refunds() returns integer
 language sql immutable as $$ select 3 $$;
 
+-- Rows a worker lost (matched and locked by the caller), each either refunded (it never started)
+-- or failed like any lost attempt (retried while attempts remain). p_rows: [{id, refund, reason,
+-- error, retryable, kind}]
+create function public.hand_back_rows(p_rows jsonb)
+returns table (batch_id uuid, item_id uuid, step_name text, attempt integer, status public.workflow_status)
+language sql
+set search_path = public, pg_temp
+as $$
+  select ws.batch_id, ws.item_id, ws.step_name, ws.attempt, f.status
+  from (
+    select * from refund_rows(jsonb_path_query_array(p_rows, '$[*] ? (@.refund == true)'))
+    union all
+    select * from fail_rows(jsonb_path_query_array(p_rows, '$[*] ? (@.refund == false)'))
+  ) f join workflow_states ws on ws.id = f.id
+$$;
+
+-- Whether a lost row that never started may have its attempt back (bounded, so a worker that never
+-- starts anything still ends in FAILED).
+create function public.refundable(p_status public.workflow_status, p_meta jsonb) returns boolean
+language sql immutable
+as $$
+  select p_status = 'QUEUED' and coalesce((p_meta ->> 'lease_refunds')::integer, 0) < public.max_lease_refunds()
+$$;
+
 -- The sweep, as before, except that a QUEUED row whose lease passed never started (the process that
 -- claimed it died, or its worker never came up): it gets its attempt back.
 create or replace function public.sweep_expired_leases(p_limit integer default 10000)
@@ -341,8 +365,7 @@ declare
 begin
   select coalesce(jsonb_agg(jsonb_build_object(
            'id', x.id, 'retryable', true, 'kind', 'lease_expired',
-           'refund', x.status = 'QUEUED'
-                     and coalesce((x.meta ->> 'lease_refunds')::integer, 0) < max_lease_refunds(),
+           'refund', refundable(x.status, x.meta),
            'reason', format('lease expired while QUEUED (attempt %s): the step never started',
                             x.attempt),
            'error', format('lease expired while %s (attempt %s): the worker was lost or timed out',
@@ -356,13 +379,7 @@ begin
     for update skip locked
   ) x;
 
-  return query
-  select ws.batch_id, ws.item_id, ws.step_name, ws.attempt, f.status
-  from (
-    select * from refund_rows(jsonb_path_query_array(v_expired, '$[*] ? (@.refund == true)'))
-    union all
-    select * from fail_rows(jsonb_path_query_array(v_expired, '$[*] ? (@.refund == false)'))
-  ) f join workflow_states ws on ws.id = f.id;
+  return query select * from hand_back_rows(v_expired);
 
   select array_agg(b.id) into v_idle
   from batches b
@@ -408,27 +425,21 @@ begin
   end if;
   select coalesce(jsonb_agg(jsonb_build_object(
            'id', x.id, 'retryable', true, 'kind', 'worker_lost',
-           'refund', x.status = 'QUEUED',
+           'refund', refundable(x.status, x.meta),
            'reason', format('the process %s that claimed it is gone; it never started', x.lease_owner),
            'error', format('the process %s running it is gone (attempt %s)', x.lease_owner, x.attempt))),
            '[]'::jsonb)
     into v_rows
   from (
-    select ws.id, ws.status, ws.attempt, ws.lease_owner from workflow_states ws
+    select ws.id, ws.status, ws.attempt, ws.meta, ws.lease_owner from workflow_states ws
     where ws.status in ('QUEUED', 'IN_PROGRESS') and ws.lease_owner = any(p_owners)
       and (p_batch_ids is null or ws.batch_id = any(p_batch_ids))
     for update skip locked
   ) x;
 
-  return query
-  select ws.batch_id, ws.item_id, ws.step_name, ws.attempt, f.status
-  from (
-    select * from refund_rows(jsonb_path_query_array(v_rows, '$[*] ? (@.refund == true)'))
-    union all
-    select * from fail_rows(jsonb_path_query_array(v_rows, '$[*] ? (@.refund == false)'))
-  ) f join workflow_states ws on ws.id = f.id;
+  return query select * from hand_back_rows(v_rows);
 end
 $$;
 
-revoke execute on function public.refund_rows(jsonb), public.durable_commit(),
-  public.lock_batches_shared(uuid[]) from public, anon, authenticated;
+revoke execute on function public.refund_rows(jsonb), public.hand_back_rows(jsonb),
+  public.durable_commit(), public.lock_batches_shared(uuid[]) from public, anon, authenticated;
