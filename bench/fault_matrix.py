@@ -769,6 +769,9 @@ def run_trial(lab: Lab, scenario: Scenario, steps: list[str], index: int) -> Tri
     trial.notes += lab.cluster.ensure_running()
     if trial.batch_id is not None:
         trial.metrics = measure(lab, trial.batch_id, trial.dir, cancelled=scenario.name == "cancel")
+        completed = lab.progress(trial.batch_id)
+        if completed and completed[0] and not read_log(trial.dir / "acks.log"):
+            trial.notes.append("FAULT_ACK_LOG is empty: the probe missed PgStateAPI.complete")
     lab.cancel_leftovers()
     trial.seconds = time.monotonic() - started
     return trial
