@@ -280,21 +280,35 @@ set search_path = public, pg_temp
 as $$
 declare
   v_count integer;
+  v_try integer := 0;
 begin
   perform require_batch(p_batch_id);
   -- Exclusive against lock_batches_shared: completions of this batch that are in flight commit
   -- first, and the update below (a new snapshot) sees the next steps they seeded. Completions that
   -- come later wait for this transaction, then find the batch cancelled.
   perform pg_advisory_xact_lock(7101, batch_lock_key(p_batch_id));
-  update batches
-  set status = 'FAILED', cancelled_at = now(), finished_at = now(), updated_at = now()
-  where id = p_batch_id and status in ('PENDING', 'IN_PROGRESS');
-  update workflow_states ws
-  set status = 'FAILED', lease_expires_at = null, finished_at = now(), updated_at = now(),
-      meta = ws.meta || jsonb_build_object('error', 'cancelled', 'cancelled_at', now())
-  where ws.batch_id = p_batch_id and ws.status in ('PENDING', 'QUEUED', 'IN_PROGRESS');
-  get diagnostics v_count = row_count;
-  return v_count;
+  loop
+    begin
+      -- Rows, then the batch: the order every transition takes (a claim, a failure and its
+      -- roll-up lock rows first), so the only deadlocks left are between rows updated in
+      -- different orders by a bulk call of a worker; the loser of those is retried, here or there.
+      update workflow_states ws
+      set status = 'FAILED', lease_expires_at = null, finished_at = now(), updated_at = now(),
+          meta = ws.meta || jsonb_build_object('error', 'cancelled', 'cancelled_at', now())
+      where ws.batch_id = p_batch_id and ws.status in ('PENDING', 'QUEUED', 'IN_PROGRESS');
+      get diagnostics v_count = row_count;
+      update batches
+      set status = 'FAILED', cancelled_at = now(), finished_at = now(), updated_at = now()
+      where id = p_batch_id and status in ('PENDING', 'IN_PROGRESS');
+      return v_count;
+    exception when deadlock_detected then
+      v_try := v_try + 1;
+      if v_try >= 5 then
+        raise;
+      end if;
+      perform pg_sleep(0.05 * v_try);
+    end;
+  end loop;
 end
 $$;
 
