@@ -35,6 +35,9 @@ CHANNEL = "enrichment_state_changed"
 MIN_CHUNK = 50
 # How long stopping may take to hand rows back (the database may be the reason we stop).
 STOP_SECONDS = 6.0
+# How often to look for rows held by stopped processes of this machine (at start, then on a sweep
+# at most this often: a process that dies while we run is rare, and the lease expiry covers it).
+RECLAIM_INTERVAL = 15.0
 
 
 @dataclass
@@ -194,6 +197,7 @@ class LocalRunner:
         self._stopping = asyncio.Event()
         self._listening = asyncio.Event()
         self.owner = process_owner()
+        self._last_reclaim = float("-inf")
         self.outage = Outage(outage_seconds)
         self.dispatcher = LocalDispatcher(
             api,
@@ -300,8 +304,9 @@ class LocalRunner:
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def _pass(self, sweep: bool) -> PassReport:
-        if sweep:
+        if sweep and time.monotonic() - self._last_reclaim >= RECLAIM_INTERVAL:
             self.stats.reclaimed += await self._reclaim_orphans()
+            self._last_reclaim = time.monotonic()
         report = await conduct(
             self._api,
             self.dispatcher,

@@ -3,15 +3,16 @@
 This is the code every worker runs, a Modal function in production and the local pool offline:
 start the tasks (the database returns each item's input and the step's config), run the step
 handler on each, and write each verdict as soon as it is known: a background writer completes the
-successes and fails the failures in bulk, so verdicts that arrive together share one call but none
-waits for the slowest task of its chunk. While a task runs (and until its verdict is written), a
-heartbeat keeps its lease alive; a written row drops out of the heartbeat. A task whose start is
-refused (stale attempt, cancelled batch) is skipped: another attempt owns it.
+successes and fails the failures in bulk (``shared.verdicts``), so verdicts that arrive together
+share one call but none waits for the slowest task of its chunk. While a task runs (and until its
+verdict is written), a heartbeat keeps its lease alive; a written row drops out of the heartbeat.
+A task whose start is refused (stale attempt, cancelled batch) is skipped: another attempt owns
+it.
 
 Every handler is cut off at its step's ``timeout_seconds`` (the same limit Modal puts on the
-function): a call that never returns fails its row (retryable) instead of holding a lease, a slot
-of the pool and the chunk forever. A handler that ignores the cancellation is abandoned, not
-awaited.
+function) by a watchdog per chunk: a call that never returns fails its row (retryable) instead of
+holding a lease, a slot of the pool and the chunk forever. A handler that ignores the cancellation
+is abandoned, not awaited.
 
 Failures are classified once, here: ``RetryableError``, timeouts and unexpected exceptions are
 retried with backoff by the database, ``TerminalError`` fails the row at once. If the worker is
@@ -33,24 +34,17 @@ from shared.errors import DatabaseUnavailable, RetryableError, StaleAttempt, Ter
 from shared.outage import call_through_outage
 from shared.state_api import StartedTask, StateAPI, StepFailure, StepResult, TaskRef
 from shared.steps import HANDLERS, StepContext, StepHandler
+from shared.verdicts import VerdictWriter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
-# A verdict waits at most this long for others of its chunk to share its write...
-FLUSH_DELAY_SECONDS = 0.05
-# ...and a write carries at most this many rows.
-FLUSH_MAX_ROWS = 500
 # How long a worker keeps trying to reach an unreachable database before leaving its rows to their
 # leases (a Supabase restart takes seconds; a longer outage is not worth holding a worker for).
 DEFAULT_OUTAGE_SECONDS = 120.0
 # On shutdown: how long to spend handing rows back and writing verdicts already reached.
 SHUTDOWN_SECONDS = 5.0
-
-
-class StepTimeout(RetryableError):
-    """A step handler ran past its step's ``timeout_seconds`` and was cut off."""
 
 
 @dataclass
@@ -131,8 +125,9 @@ async def run_chunk(
 
 
 class _Chunk:
-    """The started tasks of one chunk: runs them, writes verdicts as they come, heartbeats the
-    rows it still holds."""
+    """The started tasks of one chunk: runs each handler as its own task, hands verdicts to the
+    writer as they come, heartbeats the rows it still holds, and cuts off handlers that overrun
+    their timeout (a watchdog, so the per-item path costs no extra task or future)."""
 
     def __init__(
         self,
@@ -150,32 +145,46 @@ class _Chunk:
         self._report = report
         self._settled = settled
         self._semaphore = asyncio.Semaphore(max(1, concurrency))
-        self._outage_seconds = outage_seconds
         # Rows this worker still holds (heartbeated): started, verdict not yet written.
         self._held: dict[TaskRef, None] = {s.task: None for s in runnable}
         self._decided: set[TaskRef] = set()  # reached a verdict: never released
         self._running = len(self._runnable)
-        self._verdicts: list[StepResult | StepFailure] = []
-        self._verdict_added = asyncio.Event()
-        self._closing = False
+        self._all_decided = asyncio.Event()
+        self._writer = VerdictWriter(
+            api,
+            report,
+            written=self._let_go,
+            still_running=lambda: self._running,
+            outage_seconds=outage_seconds,
+        )
+        # Handlers running now, with their deadline; those cut off, and those given up on.
+        self._deadlines: dict[asyncio.Task[None], tuple[StartedTask, float]] = {}
+        self._cut_off: set[asyncio.Task[None]] = set()
+        self._abandoned: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         beat = asyncio.create_task(
             _keep_alive(self._api, self._held, _lease_seconds(self._runnable))
         )
-        writer = asyncio.create_task(self._write_loop())
+        writer = asyncio.create_task(self._writer.run())
+        runners = [asyncio.create_task(self._run_one(s)) for s in self._runnable]
+        watchdog = asyncio.create_task(self._watch())
         try:
-            await asyncio.gather(*(self._run_one(s) for s in self._runnable))
-            self._close_writer()
+            await self._all_decided.wait()
+            self._writer.close()
             await _wait_for(writer)
         except asyncio.CancelledError:
+            for runner in runners:
+                runner.cancel()  # not awaited: a handler may ignore it
             await self._shut_down(writer)
             raise
         finally:
-            await cancel_and_wait(beat)
-            await cancel_and_wait(writer)
+            for helper in (watchdog, beat, writer):
+                await cancel_and_wait(helper)
 
     async def _run_one(self, started: StartedTask) -> None:
+        me = asyncio.current_task()
+        assert me is not None
         task = started.task
         ctx = StepContext(
             batch_id=task.batch_id,
@@ -186,94 +195,51 @@ class _Chunk:
             heartbeat=lambda: _heartbeat_one(self._api, task),
         )
         async with self._semaphore:
-            verdict = await _run_handler(self._handler, started, ctx)
+            deadline = asyncio.get_running_loop().time() + _timeout(started)
+            self._deadlines[me] = (started, deadline)
+            try:
+                verdict = await _run_handler(
+                    self._handler, started, ctx, lambda: me in self._cut_off
+                )
+            finally:
+                self._deadlines.pop(me, None)
+        if me not in self._abandoned:  # else the watchdog has recorded its verdict already
+            self._decide(task, verdict)
+
+    async def _watch(self) -> None:
+        """Cancel handlers past their deadline; one that ignores it for a tick more is abandoned
+        (its verdict recorded here, whatever it does later is ignored)."""
+        tick = max(0.05, min(1.0, min(_timeout(s) for s in self._runnable) / 4))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for runner, (started, deadline) in list(self._deadlines.items()):
+                if now < deadline:
+                    continue
+                if runner not in self._cut_off:
+                    self._cut_off.add(runner)
+                    runner.cancel()
+                elif now >= deadline + tick:
+                    self._abandoned.add(runner)
+                    del self._deadlines[runner]
+                    self._decide(started.task, _timed_out(started))
+
+    def _decide(self, task: TaskRef, verdict: StepResult | StepFailure | None) -> None:
         self._running -= 1
+        if self._running == 0:
+            self._all_decided.set()
         if verdict is None:  # the attempt turned out stale: another attempt owns the row
             self._report.refused += 1
             self._let_go([task])
             return
         self._decided.add(task)
-        self._verdicts.append(verdict)
-        self._verdict_added.set()
+        self._writer.add(verdict)
 
     def _let_go(self, tasks: Sequence[TaskRef]) -> None:
         for task in tasks:
             self._held.pop(task, None)
         self._settled(len(tasks))
-
-    # Writing verdicts ----------------------------------------------------------------------------
-
-    def _close_writer(self) -> None:
-        self._closing = True
-        self._verdict_added.set()
-
-    async def _write_loop(self) -> None:
-        while True:
-            if not self._verdicts:
-                if self._closing:
-                    return
-                self._verdict_added.clear()
-                await self._verdict_added.wait()
-                continue
-            await self._linger()
-            batch, self._verdicts = self._verdicts[:FLUSH_MAX_ROWS], self._verdicts[FLUSH_MAX_ROWS:]
-            await self._write(batch)
-
-    async def _linger(self) -> None:
-        """Give verdicts of tasks still running a moment to join this write."""
-        deadline = asyncio.get_running_loop().time() + FLUSH_DELAY_SECONDS
-        while self._running > 0 and len(self._verdicts) < FLUSH_MAX_ROWS and not self._closing:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                return
-            self._verdict_added.clear()
-            try:
-                await asyncio.wait_for(self._verdict_added.wait(), left)
-            except asyncio.TimeoutError:
-                return
-
-    async def _write(self, batch: Sequence[StepResult | StepFailure]) -> None:
-        results = [v for v in batch if isinstance(v, StepResult)]
-        failures = [v for v in batch if isinstance(v, StepFailure)]
-        try:
-            if results:
-                await self._complete(results)
-            if failures:
-                await self._fail(failures)
-        except DatabaseUnavailable as exc:
-            # Given up: the rows stay leased to this attempt, and once the heartbeat stops their
-            # leases expire and the sweep retries them.
-            self._report.unwritten += len(batch)
-            log.warning("could not write %d verdicts: %s", len(batch), exc)
-        finally:
-            self._let_go([v.task for v in batch])
-
-    async def _complete(self, results: Sequence[StepResult]) -> None:
-        outcomes = await call_through_outage(
-            lambda: self._api.complete(results),
-            limit_seconds=self._outage_seconds,
-            what="complete steps",
-        )
-        accepted = sum(o.ok for o in outcomes)
-        self._report.completed += accepted
-        self._report.refused += len(outcomes) - accepted
-
-    async def _fail(self, failures: Sequence[StepFailure]) -> None:
-        outcomes = await call_through_outage(
-            lambda: self._api.fail(failures),
-            limit_seconds=self._outage_seconds,
-            what="fail steps",
-        )
-        for outcome in outcomes:
-            if not outcome.ok:
-                self._report.refused += 1
-            elif outcome.status == "PENDING":
-                self._report.retried += 1
-            else:
-                self._report.failed += 1
-        self._report.errors.extend(f.error for f in failures[:5])
-
-    # Shutting down -------------------------------------------------------------------------------
 
     async def _shut_down(self, writer: asyncio.Task[None]) -> None:
         """Cancelled: hand back what never reached a verdict, write what did, within a bound."""
@@ -291,19 +257,26 @@ class _Chunk:
                     exc or "the database did not answer",
                 )
             self._let_go(unfinished)
-        self._close_writer()
+        self._writer.close()
         await _wait_for(writer, SHUTDOWN_SECONDS)
 
 
 async def _run_handler(
-    handler: StepHandler, started_task: StartedTask, ctx: StepContext
+    handler: StepHandler,
+    started_task: StartedTask,
+    ctx: StepContext,
+    cut_off: Callable[[], bool],
 ) -> StepResult | StepFailure | None:
-    """Run one task within its timeout and classify the outcome; None: the attempt is stale."""
+    """Run one task and classify the outcome; None: the attempt is stale. ``cut_off()`` tells a
+    cancellation by the chunk's watchdog (a timeout) from a shutdown."""
     task = started_task.task
-    timeout = float((started_task.config or {}).get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS))
     try:
         # Typed as object: a handler may break its contract, and that must fail the row, not us.
-        result: object = await _within(timeout, handler(started_task.raw_data or {}, ctx))
+        result: object = await handler(started_task.raw_data or {}, ctx)
+    except asyncio.CancelledError:
+        if cut_off():
+            return _timed_out(started_task)
+        raise
     except StaleAttempt:
         return None
     except TerminalError as exc:
@@ -321,25 +294,16 @@ async def _run_handler(
     return StepResult(task, result)
 
 
-async def _within(timeout: float, call: Awaitable[T]) -> T:
-    """``await call`` for at most ``timeout`` seconds, then raise ``StepTimeout``. The call is
-    cancelled but not awaited: a handler that swallows the cancellation cannot hold us."""
-    future = asyncio.ensure_future(call)
-    try:
-        done, _ = await asyncio.wait({future}, timeout=timeout)
-    except asyncio.CancelledError:
-        future.cancel()
-        raise
-    if not done:
-        future.cancel()
-        future.add_done_callback(_discard_outcome)
-        raise StepTimeout(f"timed out after {timeout:g}s (the step's timeout_seconds)")
-    return future.result()
+def _timeout(started: StartedTask) -> float:
+    return float((started.config or {}).get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS))
 
 
-def _discard_outcome(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved, so asyncio does not log it as never retrieved
+def _timed_out(started: StartedTask) -> StepFailure:
+    return StepFailure(
+        started.task,
+        f"timed out after {_timeout(started):g}s (the step's timeout_seconds); cut off",
+        retryable=True,
+    )
 
 
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
@@ -365,10 +329,7 @@ async def _heartbeat_one(api: StateAPI, task: TaskRef) -> None:
 
 
 def _lease_seconds(started: Sequence[StartedTask]) -> float:
-    timeouts = [
-        float((s.config or {}).get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS)) for s in started
-    ]
-    return min(timeouts) if timeouts else DEFAULT_TIMEOUT_SECONDS
+    return min((_timeout(s) for s in started), default=DEFAULT_TIMEOUT_SECONDS)
 
 
 async def _keep_alive(api: StateAPI, held: Mapping[TaskRef, Any], lease_seconds: float) -> None:
