@@ -1,4 +1,4 @@
-"""Acknowledged completions survive a crash of the database server (issue 11, item 5).
+"""Acknowledged transitions survive a crash of the database server (issue 11, item 5).
 
 The embedded cluster runs with synchronous_commit = off for speed. A completion the worker was told
 "ok" must nevertheless be on disk: otherwise a crash rolls it back and the step (a paid call) runs
@@ -48,8 +48,6 @@ def test_acknowledged_completions_survive_an_immediate_crash(short_home: Path) -
             for task in claimed:  # five small, separate acknowledgements
                 [outcome] = await api.complete([StepResult(task, {"domain": "x.example"})])
                 assert outcome.ok
-            # A claim is not an acknowledgement anyone relies on: it stays on the fast path.
-            await api.claim(10, batch_ids=[batch_id])
             return [(t.item_id,) for t in claimed]
 
     acked = asyncio.run(complete_one_by_one())
@@ -66,3 +64,32 @@ def test_acknowledged_completions_survive_an_immediate_crash(short_home: Path) -
             "select count(*) from workflow_states where step_name = %s", (TWO_STEPS[1],)
         ).fetchone()
         assert seeded == (5,)
+
+
+def test_claims_and_starts_survive_an_immediate_crash(short_home: Path) -> None:
+    """A lost claim would hand its attempt number out twice; a lost start would refuse the
+    completion of a step that ran."""
+    cluster = EmbeddedPostgres(home=short_home, settings=Settings(enrich_home=short_home))
+    dsn = cluster.start()
+    asyncio.run(migrate(dsn))
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("alter system set wal_writer_delay = '10s'")
+        admin.execute("select pg_reload_conf()")
+
+    async def claim_and_start() -> None:
+        async with await PgStateAPI.open(dsn) as api:
+            batch_id = await api.create_batch(TWO_STEPS, [company(i) for i in range(4)])
+            with psycopg.connect(dsn, autocommit=True) as admin:
+                admin.execute("checkpoint")
+            claimed = [c.task for c in await api.claim(2, batch_ids=[batch_id])]
+            assert all(s.ok for s in await api.start(claimed))
+            await api.claim(2, batch_ids=[batch_id])
+
+    asyncio.run(claim_and_start())
+    crash_and_restart(cluster)
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "select status::text, attempt from workflow_states order by status"
+        ).fetchall()
+    assert sorted(rows) == [("IN_PROGRESS", 1)] * 2 + [("QUEUED", 1)] * 2

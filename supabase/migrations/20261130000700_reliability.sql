@@ -1,13 +1,17 @@
 -- Reliability under faults (issue 11): durable acknowledgements, cancel that nothing escapes, rows
 -- of a lost or never-started worker handed back without burning an attempt.
 --
--- 1. Durable acknowledgements. The embedded cluster runs with synchronous_commit = off (claims,
---    starts and heartbeats are cheap to lose: a lost one is redone or its lease expires). But a
---    completion, a failure, a cancel or a retry that a caller was told "ok" must survive a crash of
---    the server: a lost completion re-runs a paid step. durable_commit() raises synchronous_commit
---    for the rest of the calling transaction. It has to be set_config(..., is_local => true) inside
---    the body: a function's own SET clause is undone when the function returns, before the commit
---    that reads the setting. On Supabase synchronous_commit is already on, and this changes nothing.
+-- 1. Durable acknowledgements. The embedded cluster runs with synchronous_commit = off, but every
+--    state transition a caller was told "ok" about must survive a crash of the server: a lost
+--    completion re-runs a paid step; so does a lost start (the step ran, its completion is then
+--    refused); a lost claim hands its attempt number out a second time, which breaks fencing. The
+--    fault matrix (bench/fault_matrix.py) showed each. Only heartbeats keep the fast path (a lost
+--    one shortens a lease by one beat). durable_commit() raises synchronous_commit for the rest of
+--    the calling transaction; it has to be set_config(..., is_local => true) inside the body: a
+--    function's own SET clause is undone when the function returns, before the commit that reads
+--    the setting. Bulk calls make it cheap (one flush per statement of hundreds of rows: no
+--    difference in bench/throughput.py within its noise). On Supabase synchronous_commit is
+--    already on, and this changes nothing.
 -- 2. Cancel races with completions. complete_steps seeds next-step rows in its own transaction; a
 --    cancel_batch running at the same moment could not see them (they were not in its snapshot) and
 --    they escaped it. Now every completion holds a shared advisory lock per batch for its
@@ -89,6 +93,8 @@ begin
   if p_limit is null or p_limit < 1 or p_limit > 50000 then
     raise exception 'claim limit must be between 1 and 50000, got %', p_limit using errcode = '22023';
   end if;
+  -- A lost claim would hand its attempt number out again after a crash: fencing needs it durable.
+  perform durable_commit();
   return query
   with ready as (
     select ws.id from workflow_states ws
@@ -133,6 +139,8 @@ as $$
 #variable_conflict use_column
 begin
   perform require_task_array(p_tasks);
+  -- A lost start would refuse the completion of a step that ran: it would run (and bill) again.
+  perform durable_commit();
   return query
   with input as (
     select * from jsonb_to_recordset(p_tasks) as t(batch_id uuid, item_id uuid, step_name text, attempt integer)
@@ -245,9 +253,9 @@ $$;
 -- Durable acknowledgements: one trigger for every path ---------------------------------------
 -- A statement that makes rows ready (PENDING) or finishes them (COMPLETED, FAILED) is an
 -- acknowledgement someone relies on: complete_steps, fail_steps, the sweep, cancel_batch,
--- retry_failed, release_steps, an import, an edit in Studio. Such a transaction commits durably;
--- claims, starts and heartbeats (QUEUED, IN_PROGRESS) keep the fast path. The same rule as the
--- wake-up trigger's, so whatever wakes the conductor is also on disk.
+-- retry_failed, release_steps, an import, an edit in Studio. Such a transaction commits durably
+-- (claim_steps and start_steps say so themselves; heartbeats keep the fast path). The same rule as
+-- the wake-up trigger's, so whatever wakes the conductor is also on disk.
 
 create function public.durable_state_change() returns trigger
 language plpgsql
