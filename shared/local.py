@@ -44,6 +44,7 @@ RECLAIM_INTERVAL = 15.0
 class PoolStats:
     chunks: int = 0
     completed: int = 0
+    submitted: int = 0
     retried: int = 0
     failed: int = 0
     refused: int = 0
@@ -52,6 +53,7 @@ class PoolStats:
     def add(self, report: ChunkReport) -> None:
         self.chunks += 1
         self.completed += report.completed
+        self.submitted += report.submitted
         self.retried += report.retried
         self.failed += report.failed
         self.refused += report.refused

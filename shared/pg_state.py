@@ -31,6 +31,7 @@ from shared.state_api import (
     StartedTask,
     StepFailure,
     StepResult,
+    StepSubmission,
     SweptRow,
     TaskOutcome,
     TaskRef,
@@ -185,6 +186,14 @@ class PgStateAPI:
             "fail_steps",
             {"failures": Jsonb(payload)},
             lambda r: FailOutcome(_task(r), Outcome(r["outcome"]), r["status"]),
+        )
+
+    async def submit(self, submissions: Sequence[StepSubmission]) -> list[TaskOutcome]:
+        payload = [{**s.task.to_json(), "request_id": s.request_id} for s in submissions]
+        return await self._each(
+            "submit_steps",
+            {"submissions": Jsonb(payload)},
+            lambda r: TaskOutcome(_task(r), Outcome(r["outcome"])),
         )
 
     async def heartbeat(self, tasks: Sequence[TaskRef]) -> list[TaskOutcome]:

@@ -118,6 +118,15 @@ class StepFailure:
 
 
 @dataclass(frozen=True, slots=True)
+class StepSubmission:
+    """An ASYNC step sent to its provider, which will answer by callback; ``request_id`` is the
+    provider's name for the request (for tracing)."""
+
+    task: TaskRef
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class SweptRow:
     """A row whose lease expired: now PENDING (retry scheduled) or FAILED (attempts exhausted)."""
 
@@ -204,6 +213,11 @@ class StateAPI(Protocol):
 
     async def fail(self, failures: Sequence[StepFailure]) -> list[FailOutcome]:
         """Retry with backoff while attempts remain (and the error is retryable), else FAILED."""
+        ...
+
+    async def submit(self, submissions: Sequence[StepSubmission]) -> list[TaskOutcome]:
+        """IN_PROGRESS rows of ASYNC steps now await their callback: the lease becomes the
+        callback deadline and no worker holds it. ``wrong_status`` when the callback came first."""
         ...
 
     async def heartbeat(self, tasks: Sequence[TaskRef]) -> list[TaskOutcome]:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from shared.errors import DatabaseUnavailable
 from shared.outage import call_through_outage
-from shared.state_api import StateAPI, StepFailure, StepResult, TaskRef
+from shared.state_api import StateAPI, StepFailure, StepResult, StepSubmission, TaskRef
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,15 @@ FLUSH_DELAY_SECONDS = 0.05
 # ...and a write carries at most this many rows.
 FLUSH_MAX_ROWS = 500
 
-Verdict = StepResult | StepFailure
+# A result, a failure, or (ASYNC steps) the provider's receipt: the answer comes by callback.
+Verdict = StepResult | StepFailure | StepSubmission
 
 
 class Tally(Protocol):
     """Where the writer counts what the database did (``shared.worker.ChunkReport``)."""
 
     completed: int
+    submitted: int
     retried: int
     failed: int
     refused: int
@@ -100,11 +102,14 @@ class VerdictWriter:
     async def _write(self, batch: Sequence[Verdict]) -> None:
         results = [v for v in batch if isinstance(v, StepResult)]
         failures = [v for v in batch if isinstance(v, StepFailure)]
+        submissions = [v for v in batch if isinstance(v, StepSubmission)]
         try:
             if results:
                 await self._complete(results)
             if failures:
                 await self._fail(failures)
+            if submissions:
+                await self._submit(submissions)
         except DatabaseUnavailable as exc:
             # Given up: the rows stay leased to this attempt, and once the heartbeat stops their
             # leases expire and the sweep retries them.
@@ -122,6 +127,15 @@ class VerdictWriter:
         accepted = sum(o.ok for o in outcomes)
         self._tally.completed += accepted
         self._tally.refused += len(outcomes) - accepted
+
+    async def _submit(self, submissions: Sequence[StepSubmission]) -> None:
+        outcomes = await call_through_outage(
+            lambda: self._api.submit(submissions),
+            limit_seconds=self._outage_seconds,
+            what="record submissions",
+        )
+        # wrong_status: the callback was applied before the submission was recorded. Fine.
+        self._tally.submitted += sum(o.ok for o in outcomes)
 
     async def _fail(self, failures: Sequence[StepFailure]) -> None:
         outcomes = await call_through_outage(

@@ -32,9 +32,16 @@ from typing import Any, TypeVar
 
 from shared.errors import DatabaseUnavailable, RetryableError, StaleAttempt, TerminalError
 from shared.outage import call_through_outage
-from shared.state_api import StartedTask, StateAPI, StepFailure, StepResult, TaskRef
-from shared.steps import HANDLERS, StepContext, StepHandler
-from shared.verdicts import VerdictWriter
+from shared.state_api import (
+    StartedTask,
+    StateAPI,
+    StepFailure,
+    StepResult,
+    StepSubmission,
+    TaskRef,
+)
+from shared.steps import HANDLERS, StepContext, StepHandler, Submitted
+from shared.verdicts import Verdict, VerdictWriter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,6 +60,7 @@ class ChunkReport:
     verdicts could not reach the database (their leases bring the rows back)."""
 
     completed: int = 0
+    submitted: int = 0  # ASYNC: sent to the provider, the row awaits its callback
     retried: int = 0
     failed: int = 0
     refused: int = 0
@@ -85,6 +93,7 @@ async def run_chunk(
     on_settled: Callable[[int], None] | None = None,
     outage_seconds: float | None = DEFAULT_OUTAGE_SECONDS,
     report: ChunkReport | None = None,
+    callback_url: Callable[[TaskRef], str] | None = None,
 ) -> ChunkReport:
     """Start, run, and complete or fail ``tasks`` (all of one step function).
 
@@ -120,6 +129,7 @@ async def run_chunk(
     if not runnable:
         return report
     chunk = _Chunk(api, handler, runnable, report, settled, concurrency, outage_seconds)
+    chunk.callback_url = callback_url
     await chunk.run()
     return report
 
@@ -161,6 +171,8 @@ class _Chunk:
         self._deadlines: dict[asyncio.Task[None], tuple[StartedTask, float]] = {}
         self._cut_off: set[asyncio.Task[None]] = set()
         self._abandoned: set[asyncio.Task[None]] = set()
+        # ASYNC steps: the URL a provider answers on, per attempt (None: no receiver runs here).
+        self.callback_url: Callable[[TaskRef], str] | None = None
 
     async def run(self) -> None:
         beat = asyncio.create_task(
@@ -193,6 +205,7 @@ class _Chunk:
             attempt=task.attempt,
             config=started.config or {},
             heartbeat=lambda: _heartbeat_one(self._api, task),
+            callback_url=None if self.callback_url is None else self.callback_url(task),
         )
         async with self._semaphore:
             deadline = asyncio.get_running_loop().time() + _timeout(started)
@@ -225,7 +238,7 @@ class _Chunk:
                     del self._deadlines[runner]
                     self._decide(started.task, _timed_out(started))
 
-    def _decide(self, task: TaskRef, verdict: StepResult | StepFailure | None) -> None:
+    def _decide(self, task: TaskRef, verdict: Verdict | None) -> None:
         self._running -= 1
         if self._running == 0:
             self._all_decided.set()
@@ -266,7 +279,7 @@ async def _run_handler(
     started_task: StartedTask,
     ctx: StepContext,
     cut_off: Callable[[], bool],
-) -> StepResult | StepFailure | None:
+) -> Verdict | None:
     """Run one task and classify the outcome; None: the attempt is stale. ``cut_off()`` tells a
     cancellation by the chunk's watchdog (a timeout) from a shutdown."""
     task = started_task.task
@@ -285,6 +298,8 @@ async def _run_handler(
         return StepFailure(task, str(exc), retryable=True)
     except Exception as exc:  # an unexpected bug or library error: retry, and say what it was
         return StepFailure(task, f"{type(exc).__name__}: {exc}", retryable=True)
+    if isinstance(result, Submitted):
+        return StepSubmission(task, result.request_id)
     if not isinstance(result, Mapping):
         return StepFailure(
             task,

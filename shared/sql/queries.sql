@@ -19,6 +19,9 @@ select batch_id, item_id, step_name, attempt, outcome from public.complete_steps
 select batch_id, item_id, step_name, attempt, outcome, status::text
 from public.fail_steps(%(failures)s);
 
+-- name: submit_steps
+select batch_id, item_id, step_name, attempt, outcome from public.submit_steps(%(submissions)s);
+
 -- name: heartbeat_steps
 select batch_id, item_id, step_name, attempt, outcome from public.heartbeat_steps(%(tasks)s);
 

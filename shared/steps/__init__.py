@@ -6,7 +6,7 @@ handler contract.
 
 from __future__ import annotations
 
-from shared.steps.base import StepContext, StepHandler
+from shared.steps.base import StepContext, StepHandler, Submitted
 from shared.steps.domains import normalize_domain
 from shared.steps.names import clean_company_name
 from shared.steps.shells import noop, step_a, step_b
@@ -19,4 +19,4 @@ HANDLERS: dict[str, StepHandler] = {
     "noop": noop,
 }
 
-__all__ = ["HANDLERS", "StepContext", "StepHandler"]
+__all__ = ["HANDLERS", "StepContext", "StepHandler", "Submitted"]

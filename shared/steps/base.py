@@ -31,9 +31,21 @@ class StepContext:
     attempt: int
     config: Mapping[str, Any]
     heartbeat: Callable[[], Awaitable[None]]
+    # Where the provider of an ASYNC step posts its answer: a URL carrying a token signed for this
+    # attempt. None where no callback receiver runs.
+    callback_url: str | None = None
 
 
-StepHandler = Callable[[Mapping[str, Any], StepContext], Awaitable[dict[str, Any]]]
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """What an ASYNC step's handler returns once the provider accepted the item: the row then
+    awaits its callback, and no worker waits for it. ``request_id`` is the provider's name for the
+    request (kept in the row's meta, for tracing)."""
+
+    request_id: str
+
+
+StepHandler = Callable[[Mapping[str, Any], StepContext], Awaitable[dict[str, Any] | Submitted]]
 
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
 
