@@ -265,6 +265,7 @@ def progress_from_json(data: Mapping[str, Any]) -> BatchProgress:
         items=int(data["items"]),
         cancelled=bool(data["cancelled"]),
         steps=steps,
+        awaiting={step: int(data.get("awaiting_callback", {}).get(step, 0)) for step in steps},
     )
 
 

@@ -143,6 +143,12 @@ class BatchProgress:
     cancelled: bool
     # step -> status -> count, every blueprint step (in blueprint order) and every status present.
     steps: dict[str, dict[str, int]] = field(default_factory=dict)
+    # step -> IN_PROGRESS rows of an ASYNC step awaiting their callback (no worker holds them).
+    awaiting: dict[str, int] = field(default_factory=dict)
+
+    def running(self, step: str) -> int:
+        """IN_PROGRESS rows of ``step`` that a worker is running (not awaiting a callback)."""
+        return self.steps[step]["IN_PROGRESS"] - self.awaiting.get(step, 0)
 
     @property
     def items_completed(self) -> int:
@@ -163,12 +169,14 @@ class BatchProgress:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The documented shape of ``enrich status --json``."""
+        """The documented shape of ``enrich status --json``, plus ``awaiting_callback``: per
+        step, the IN_PROGRESS rows that wait for their provider's callback."""
         return {
             "batch_id": str(self.batch_id),
             "status": self.status,
             "items": self.items,
             "steps": {step: dict(counts) for step, counts in self.steps.items()},
+            "awaiting_callback": {step: self.awaiting.get(step, 0) for step in self.steps},
         }
 
 

@@ -146,6 +146,7 @@ def test_status_json_exact_shape(db: str, csv_file: Path) -> None:
         "status": "PENDING",
         "items": 3,
         "steps": {"step_a": {**zero, "PENDING": 3}, "step_b": zero},
+        "awaiting_callback": {"step_a": 0, "step_b": 0},
     }
     assert list(json.loads(result.stdout)["steps"]) == ["step_a", "step_b"]
 

@@ -31,12 +31,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from shared.cli.progress import cell as progress_cell
+from shared.cli.progress import columns as progress_columns
 from shared.db.connect import resolve_dsn
 from shared.errors import EnrichError, InvalidInput, NotFound
 from shared.importer import DELIMITER_NAMES, ImportProgress, ImportReport, import_csv
 from shared.pg_state import PgStateAPI, translate_db_error
 from shared.settings import get_settings
-from shared.state_api import STATUSES, BatchProgress
+from shared.state_api import BatchProgress
 
 T = TypeVar("T")
 
@@ -499,10 +501,11 @@ def print_progress(console: Console, progress: BatchProgress) -> None:
     )
     table = Table(header_style="bold")
     table.add_column("step")
-    for s in STATUSES:
+    shown = progress_columns(progress)
+    for s in shown:
         table.add_column(s, justify="right")
-    for step, counts in progress.steps.items():
-        table.add_row(step, *(f"{counts.get(s, 0):,}" for s in STATUSES))
+    for step in progress.steps:
+        table.add_row(step, *(f"{progress_cell(progress, step, s):,}" for s in shown))
     console.print(table)
 
 

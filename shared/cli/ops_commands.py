@@ -2,7 +2,8 @@
 
 ``export`` writes one row per item, in input order (``batch_items.seq``): the item's input columns
 (the union of the ``raw_data`` keys, in first-seen order), then for each blueprint step
-``<step>.status``, ``<step>.error`` (the error of a FAILED row) and one ``<step>.<key>`` column per
+``<step>.status`` (AWAITING_CALLBACK for an ASYNC row waiting for its provider), ``<step>.error``
+(the error of a FAILED row) and one ``<step>.<key>`` column per
 top-level key of the step's ``result`` (the union over the batch, in first-seen order). A result
 key ``status`` or ``error`` becomes ``<step>.result.<key>``, so it never hides the state columns.
 
@@ -154,7 +155,13 @@ def rows_query(plan: ExportPlan, status: StatusFilter) -> tuple[sql.Composed, di
         s = sql.Identifier(f"s{i}")
         state_aliases.append(s)
         params[f"step{i}"] = step.name
-        fields.append(sql.SQL("{s}.status::text").format(s=s))
+        # An ASYNC row waiting for its provider's callback is not "running": say so.
+        fields.append(
+            sql.SQL(
+                "case when public.awaiting_callback({s}.status, {s}.attempt, {s}.meta)"
+                " then 'AWAITING_CALLBACK' else {s}.status::text end"
+            ).format(s=s)
+        )
         fields.append(
             sql.SQL("case when {s}.status = 'FAILED' then {s}.meta ->> 'error' end").format(s=s)
         )

@@ -20,9 +20,29 @@ STATUS_STYLE = {
     "PENDING": "dim",
     "QUEUED": "yellow",
     "IN_PROGRESS": "cyan",
+    "AWAITING": "magenta",
     "COMPLETED": "green",
     "FAILED": "red",
 }
+AWAITING = "AWAITING"
+
+
+def columns(progress: BatchProgress) -> list[str]:
+    """The status columns to show: AWAITING (ASYNC rows waiting for their provider's callback,
+    apart from the IN_PROGRESS rows a worker runs) only when some row awaits one."""
+    if not any(progress.awaiting.values()):
+        return list(STATUSES)
+    at = STATUSES.index("IN_PROGRESS") + 1
+    return [*STATUSES[:at], AWAITING, *STATUSES[at:]]
+
+
+def cell(progress: BatchProgress, step: str, column: str) -> int:
+    """The count of one table cell: IN_PROGRESS counts running rows only, when AWAITING is shown."""
+    if column == AWAITING:
+        return progress.awaiting.get(step, 0)
+    if column == "IN_PROGRESS":
+        return progress.running(step)
+    return progress.steps[step].get(column, 0)
 
 
 @dataclass
@@ -103,13 +123,14 @@ def render(progress: BatchProgress, meter: RateMeter, elapsed: float) -> Rendera
     )
     table = Table(header_style="bold", box=None, pad_edge=False)
     table.add_column("step")
-    for status in STATUSES:
+    shown = columns(progress)
+    for status in shown:
         table.add_column(status, justify="right", style=STATUS_STYLE[status])
     table.add_column("rows/s", justify="right")
-    for step, counts in progress.steps.items():
+    for step in progress.steps:
         table.add_row(
             step,
-            *(f"{counts.get(s, 0):,}" for s in STATUSES),
+            *(f"{cell(progress, step, s):,}" for s in shown),
             f"{meter.step_rate(step):,.0f}",
         )
     return Group(header, table)
@@ -118,7 +139,8 @@ def render(progress: BatchProgress, meter: RateMeter, elapsed: float) -> Rendera
 def plain_line(progress: BatchProgress, meter: RateMeter, elapsed: float) -> str:
     steps = "  ".join(
         f"{step}: {counts['COMPLETED']:,} done/{counts['FAILED']:,} failed/"
-        f"{counts['PENDING'] + counts['QUEUED'] + counts['IN_PROGRESS']:,} active"
+        f"{counts['PENDING'] + counts['QUEUED'] + progress.running(step):,} active"
+        + (f"/{progress.awaiting[step]:,} awaiting callback" if progress.awaiting.get(step) else "")
         for step, counts in progress.steps.items()
     )
     return (

@@ -176,3 +176,45 @@ begin
     on ws.batch_id = i.batch_id and ws.item_id = i.item_id and ws.step_name = i.step_name;
 end
 $$;
+
+-- Progress shows ASYNC rows awaiting their callback apart from running ones ----------------------
+-- The documented shape stays; "awaiting_callback" is added: {"<step>": n} for every blueprint step
+-- (these rows are also counted IN_PROGRESS in "steps").
+
+create or replace function public.batch_progress(p_batch_id uuid) returns jsonb
+language plpgsql stable
+set search_path = public, pg_temp
+as $$
+declare
+  v_batch batches;
+  v_steps jsonb;
+  v_awaiting jsonb;
+begin
+  v_batch := require_batch(p_batch_id);
+  select jsonb_object_agg(s.step_name, s.counts order by s.ord),
+         jsonb_object_agg(s.step_name, s.awaiting order by s.ord)
+    into v_steps, v_awaiting
+  from (
+    select bp.step_name, bp.ord,
+           jsonb_build_object(
+             'PENDING', count(*) filter (where ws.status = 'PENDING'),
+             'QUEUED', count(*) filter (where ws.status = 'QUEUED'),
+             'IN_PROGRESS', count(*) filter (where ws.status = 'IN_PROGRESS'),
+             'COMPLETED', count(*) filter (where ws.status = 'COMPLETED'),
+             'FAILED', count(*) filter (where ws.status = 'FAILED')) as counts,
+           count(*) filter (where awaiting_callback(ws.status, ws.attempt, ws.meta)) as awaiting
+    from jsonb_array_elements_text(v_batch.blueprint) with ordinality bp(step_name, ord)
+    left join workflow_states ws on ws.batch_id = v_batch.id and ws.step_name = bp.step_name
+    group by bp.step_name, bp.ord
+  ) s;
+  return jsonb_build_object(
+    'batch_id', v_batch.id,
+    'name', v_batch.name,
+    'status', v_batch.status,
+    'items', v_batch.item_count,
+    'cancelled', v_batch.cancelled_at is not null,
+    'blueprint', v_batch.blueprint,
+    'steps', coalesce(v_steps, '{}'::jsonb),
+    'awaiting_callback', coalesce(v_awaiting, '{}'::jsonb));
+end
+$$;

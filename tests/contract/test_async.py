@@ -78,7 +78,8 @@ async def test_no_callback_by_the_deadline_is_a_failed_attempt_then_failed(
     assert swept.status == "PENDING"
     row = await state(conn, first)
     assert row["meta"]["last_error"]["kind"] == "callback_timeout"
-    assert row["meta"]["last_error"]["message"] == "no callback within 60 s (attempt 1, request req-1)"
+    message = row["meta"]["last_error"]["message"]
+    assert message == "no callback within 60 s (attempt 1, request req-1)"
 
     # Re-submitted as attempt 2; the first submission's callback arrives late and is refused.
     [second] = await claim_and_start(state_api, batch_id)
@@ -112,3 +113,20 @@ async def test_a_failure_callback_retries_or_fails_the_row(state_api: StateAPI, 
 async def test_callback_timeout_must_be_a_positive_number(conn: Conn) -> None:
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="callback_timeout_seconds"):
         await register_async_step(conn, "bad", callback_timeout_seconds=0)
+
+
+async def test_progress_counts_rows_awaiting_their_callback_apart(
+    state_api: StateAPI, conn: Conn
+) -> None:
+    await register_async_step(conn, "later")
+    batch_id = await state_api.create_batch(["later"], [company(i) for i in range(3)])
+    submitted, running, _ = await claim_and_start(state_api, batch_id)
+    await state_api.submit([StepSubmission(submitted, "req")])
+
+    progress = await state_api.batch_progress(batch_id)
+
+    assert progress.steps["later"]["IN_PROGRESS"] == 3
+    assert progress.awaiting == {"later": 1}
+    assert progress.running("later") == 2
+    assert progress.to_json()["awaiting_callback"] == {"later": 1}
+    assert running != submitted
