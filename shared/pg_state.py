@@ -167,7 +167,9 @@ class PgStateAPI:
         return await self._each(
             "start_steps",
             {"tasks": Jsonb([t.to_json() for t in tasks])},
-            lambda r: StartedTask(_task(r), Outcome(r["outcome"]), r["raw_data"], r["config"]),
+            lambda r: StartedTask(
+                _task(r), Outcome(r["outcome"]), r["raw_data"], r["config"], r["inputs"]
+            ),
         )
 
     async def complete(self, results: Sequence[StepResult]) -> list[TaskOutcome]:

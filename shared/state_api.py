@@ -81,12 +81,14 @@ class TaskOutcome:
 
 @dataclass(frozen=True, slots=True)
 class StartedTask:
-    """The answer to starting a task: the item's input and the step's config when accepted."""
+    """The answer to starting a task: the item's input and the step's config when accepted, and
+    the results of the earlier steps its config ``needs`` (``{step: result}``)."""
 
     task: TaskRef
     outcome: Outcome
     raw_data: Mapping[str, Any] | None = None
     config: Mapping[str, Any] | None = None
+    inputs: Mapping[str, Mapping[str, Any]] | None = None
 
     @property
     def ok(self) -> bool:

@@ -291,7 +291,9 @@ class SupabaseStateAPI:
         return await self._each(
             "start_steps",
             {"p_tasks": [t.to_json() for t in tasks]},
-            lambda r: StartedTask(_task(r), Outcome(r["outcome"]), r["raw_data"], r["config"]),
+            lambda r: StartedTask(
+                _task(r), Outcome(r["outcome"]), r["raw_data"], r["config"], r.get("inputs")
+            ),
         )
 
     async def complete(self, results: Sequence[StepResult]) -> list[TaskOutcome]:

@@ -206,6 +206,7 @@ class _Chunk:
             config=started.config or {},
             heartbeat=lambda: _heartbeat_one(self._api, task),
             callback_url=None if self.callback_url is None else self.callback_url(task),
+            inputs=started.inputs or {},
         )
         async with self._semaphore:
             deadline = asyncio.get_running_loop().time() + _timeout(started)

@@ -9,7 +9,7 @@ select batch_id, item_id, step_name, attempt, modal_function_name, step_type::te
 from public.claim_steps(%(limit)s, %(step_names)s, %(batch_ids)s, %(owner)s);
 
 -- name: start_steps
-select batch_id, item_id, step_name, attempt, outcome, raw_data, config
+select batch_id, item_id, step_name, attempt, outcome, raw_data, config, inputs
 from public.start_steps(%(tasks)s);
 
 -- name: complete_steps

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -34,6 +34,9 @@ class StepContext:
     # Where the provider of an ASYNC step posts its answer: a URL carrying a token signed for this
     # attempt. None where no callback receiver runs.
     callback_url: str | None = None
+    # Results of the earlier steps the step's config ``needs``: {"normalize_domain": {...}}. A
+    # step that has no result for this item (yet) is absent.
+    inputs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

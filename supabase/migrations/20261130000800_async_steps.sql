@@ -218,3 +218,137 @@ begin
     'awaiting_callback', coalesce(v_awaiting, '{}'::jsonb));
 end
 $$;
+
+-- Steps read earlier steps' results ----------------------------------------------------------
+-- config.needs: ["normalize_domain", ...] names earlier steps whose results the step reads. The
+-- start call hands them over with raw_data, in the same round trip, as "inputs":
+-- {"normalize_domain": {...its result...}} (a step without a result yet is absent). The worker never
+-- queries results tables itself.
+
+create or replace function public.registry_check_async() returns trigger
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+  v_value jsonb := new.config -> 'callback_timeout_seconds';
+  v_needs jsonb := new.config -> 'needs';
+  v_bad text;
+begin
+  if v_value is not null and (jsonb_typeof(v_value) <> 'number' or (v_value)::numeric <= 0) then
+    raise exception 'step "%": config.callback_timeout_seconds = % is not valid', new.step_name, v_value
+      using errcode = '22023', hint = 'callback_timeout_seconds is a number of seconds > 0';
+  end if;
+  if v_needs is not null then
+    if jsonb_typeof(v_needs) <> 'array'
+       or exists (select 1 from jsonb_array_elements(v_needs) e where jsonb_typeof(e) <> 'string') then
+      raise exception 'step "%": config.needs must be a JSON array of step names, got %', new.step_name, v_needs
+        using errcode = '22023';
+    end if;
+    select e into v_bad from jsonb_array_elements_text(v_needs) e
+    where not exists (select 1 from enrichment_registry r
+                      where r.step_name = e and r.results_table is not null)
+    limit 1;
+    if v_bad is not null then
+      raise exception 'step "%": config.needs names "%", which is not a registered step with a results table',
+        new.step_name, v_bad using errcode = '22023';
+    end if;
+  end if;
+  return new;
+end
+$$;
+
+-- The earlier results each started row needs, keyed by item id: {"<item_id>": {"<step>": result}}.
+-- One query per needed results table for the whole bulk call, not one per row.
+create function public.needed_results(p_started jsonb) returns jsonb
+language plpgsql stable
+set search_path = public, pg_temp
+as $$
+declare
+  v_need record;
+  v_part jsonb;
+  v_inputs jsonb := '{}'::jsonb;
+begin
+  for v_need in
+    select distinct n.need, r.results_table
+    from jsonb_to_recordset(p_started) s(config jsonb)
+    cross join lateral jsonb_array_elements_text(
+      case when jsonb_typeof(s.config -> 'needs') = 'array' then s.config -> 'needs' else '[]' end) n(need)
+    join enrichment_registry r on r.step_name = n.need
+    where r.results_table is not null
+  loop
+    execute format(
+      'select coalesce(jsonb_object_agg(t.item_id::text, t.result), ''{}'')
+       from public.%I t
+       join jsonb_to_recordset($1) s(batch_id uuid, item_id uuid, config jsonb)
+         on t.batch_id = s.batch_id and t.item_id = s.item_id
+       where s.config -> ''needs'' ? $2', v_need.results_table)
+      into v_part using p_started, v_need.need;
+    select v_inputs || coalesce(jsonb_object_agg(
+             e.key, coalesce(v_inputs -> e.key, '{}'::jsonb) || jsonb_build_object(v_need.need, e.value)),
+           '{}'::jsonb)
+      into v_inputs
+    from jsonb_each(v_part) e;
+  end loop;
+  return v_inputs;
+end
+$$;
+
+drop function public.start_steps(jsonb);
+
+create function public.start_steps(p_tasks jsonb)
+returns table (
+  batch_id uuid,
+  item_id uuid,
+  step_name text,
+  attempt integer,
+  outcome text,
+  raw_data jsonb,
+  config jsonb,
+  inputs jsonb
+)
+language plpgsql
+set search_path = public, pg_temp
+as $$
+#variable_conflict use_column
+declare
+  v_started jsonb;
+  v_inputs jsonb;
+begin
+  perform require_task_array(p_tasks);
+  -- A lost start would refuse the completion of a step that ran: it would run (and bill) again.
+  perform durable_commit();
+  with input as (
+    select * from jsonb_to_recordset(p_tasks) as t(batch_id uuid, item_id uuid, step_name text, attempt integer)
+  ), started as (
+    update workflow_states ws
+    set status = 'IN_PROGRESS', lease_expires_at = now() + step_timeout(r.config),
+        started_at = coalesce(ws.started_at, now()), updated_at = now()
+    from input i, enrichment_registry r
+    where ws.batch_id = i.batch_id and ws.item_id = i.item_id and ws.step_name = i.step_name
+      and ws.attempt = i.attempt and ws.status in ('QUEUED', 'IN_PROGRESS')
+      and r.step_name = ws.step_name
+      and not exists (select 1 from batches cb where cb.id = ws.batch_id and cb.cancelled_at is not null)
+    returning ws.batch_id, ws.item_id, ws.step_name, r.config
+  )
+  select coalesce(jsonb_agg(to_jsonb(started)), '[]'::jsonb) into v_started from started;
+  v_inputs := needed_results(v_started);
+
+  return query
+  with input as (
+    select * from jsonb_to_recordset(p_tasks) as t(batch_id uuid, item_id uuid, step_name text, attempt integer)
+  ), started as (
+    select * from jsonb_to_recordset(v_started) as s(batch_id uuid, item_id uuid, step_name text, config jsonb)
+  )
+  select i.batch_id, i.item_id, i.step_name, i.attempt,
+         call_outcome(s.item_id is not null, ws.attempt, i.attempt),
+         bi.raw_data,
+         s.config,
+         case when s.item_id is not null and s.config ? 'needs'
+              then coalesce(v_inputs -> s.item_id::text, '{}'::jsonb) end
+  from input i
+  left join started s on s.batch_id = i.batch_id and s.item_id = i.item_id and s.step_name = i.step_name
+  left join workflow_states ws
+    on ws.batch_id = i.batch_id and ws.item_id = i.item_id and ws.step_name = i.step_name
+  left join batch_items bi on bi.id = s.item_id;
+end
+$$;

@@ -130,3 +130,40 @@ async def test_progress_counts_rows_awaiting_their_callback_apart(
     assert progress.running("later") == 2
     assert progress.to_json()["awaiting_callback"] == {"later": 1}
     assert running != submitted
+
+
+async def test_start_hands_over_the_results_a_step_needs(state_api: StateAPI, conn: Conn) -> None:
+    await conn.execute(
+        "insert into enrichment_registry (step_name, modal_function_name, config)"
+        " values ('uses_domain', 'uses_domain', %s)",
+        (Jsonb({"needs": ["normalize_domain", "step_a"]}),),
+    )
+    batch_id = await state_api.create_batch(
+        ["normalize_domain", "uses_domain"], [company(0), company(1)]
+    )
+    first = await claim_and_start(state_api, batch_id)
+    [plain] = [s for s in await state_api.start(first) if s.task == first[0]]
+    assert plain.inputs is None  # normalize_domain needs nothing
+    results = [StepResult(t, {"domain": f"company{i}.example"}) for i, t in enumerate(first)]
+    await state_api.complete(results)
+
+    started = await state_api.start(await claim_and_start(state_api, batch_id))
+
+    by_item = {s.task.item_id: s.inputs for s in started}
+    assert by_item == {
+        t.item_id: {"normalize_domain": {"domain": f"company{i}.example"}}
+        for i, t in enumerate(first)
+    }  # step_a has no result for these items: absent
+
+
+async def test_needs_must_name_steps_with_results(conn: Conn) -> None:
+    for needs, message in [
+        ("normalize_domain", "must be a JSON array"),
+        (["no_such_step"], "not a registered step"),
+    ]:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=message):
+            await conn.execute(
+                "insert into enrichment_registry (step_name, modal_function_name, config)"
+                " values ('bad', 'bad', %s)",
+                (Jsonb({"needs": needs}),),
+            )
