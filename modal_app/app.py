@@ -76,3 +76,8 @@ async def normalize_domain(tasks: list[dict[str, Any]]) -> dict[str, Any]:
 @app.function(**_options("clean_company_name"))
 async def clean_company_name(tasks: list[dict[str, Any]]) -> dict[str, Any]:
     return await run_function_chunk("clean_company_name", tasks)
+
+
+@app.function(**_options("step_async"))
+async def step_async(tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    return await run_function_chunk("step_async", tasks)

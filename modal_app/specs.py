@@ -26,4 +26,5 @@ FUNCTION_SPECS: dict[str, FunctionSpec] = {
     "step_b": FunctionSpec(timeout_seconds=60),
     "normalize_domain": FunctionSpec(timeout_seconds=60),
     "clean_company_name": FunctionSpec(timeout_seconds=60),
+    "step_async": FunctionSpec(timeout_seconds=30),
 }

@@ -132,6 +132,11 @@ class StepBResult(_StepResult, Base):
     slept_ms: Mapped[int | None] = mapped_column(Integer)
 
 
+class StepAsyncResult(_StepResult, Base):
+    __tablename__ = "step_async_results"
+    request_id: Mapped[str | None] = mapped_column(Text)
+
+
 class NormalizeDomainResult(_StepResult, Base):
     __tablename__ = "normalize_domain_results"
     domain: Mapped[str | None] = mapped_column(Text)

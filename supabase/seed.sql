@@ -14,3 +14,11 @@ values
    '{"timeout_seconds": 60, "max_attempts": 2, "backoff_seconds": 1}',
    'Company name without legal suffixes and noise, casing repaired.')
 on conflict (step_name) do nothing;
+
+-- ASYNC: answered later by callback (see shared/providers/emulator.py for step_async's provider).
+insert into public.enrichment_registry (step_name, type, modal_function_name, results_table, config, description)
+values
+  ('step_async', 'ASYNC', 'step_async', 'step_async_results',
+   '{"delay_ms": 50, "timeout_seconds": 30, "callback_timeout_seconds": 60, "max_attempts": 3, "backoff_seconds": 1}',
+   'ASYNC shell: a local provider emulator calls back over HTTP after config.delay_ms; fail_every, drop_every and duplicate_every inject faults.')
+on conflict (step_name) do nothing;

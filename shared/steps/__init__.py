@@ -6,6 +6,7 @@ handler contract.
 
 from __future__ import annotations
 
+from shared.steps.async_shell import step_async
 from shared.steps.base import StepContext, StepHandler, Submitted
 from shared.steps.domains import normalize_domain
 from shared.steps.names import clean_company_name
@@ -17,6 +18,7 @@ HANDLERS: dict[str, StepHandler] = {
     "normalize_domain": normalize_domain,
     "clean_company_name": clean_company_name,
     "noop": noop,
+    "step_async": step_async,
 }
 
 __all__ = ["HANDLERS", "StepContext", "StepHandler", "Submitted"]

@@ -352,3 +352,23 @@ begin
   left join batch_items bi on bi.id = s.item_id;
 end
 $$;
+
+-- step_async: the built-in ASYNC shell, answered by a local provider emulator --------------------
+
+create table public.step_async_results (
+  batch_id uuid not null,
+  item_id uuid not null,
+  attempt integer not null,
+  result jsonb not null,
+  request_id text generated always as (result ->> 'request_id') stored,
+  created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now(),
+  primary key (batch_id, item_id),
+  foreign key (batch_id, item_id) references public.batch_items (batch_id, id) on delete cascade
+);
+alter table public.step_async_results enable row level security;
+create policy step_async_results_read_own_client on public.step_async_results
+  for select to authenticated using (public.owns_batch(batch_id));
+revoke all on public.step_async_results from anon, authenticated;
+grant select on public.step_async_results to authenticated;
+grant all on public.step_async_results to service_role;

@@ -1,0 +1,1 @@
+"""Provider clients, one module per provider (like a driver per database)."""
