@@ -114,7 +114,10 @@ def test_create_unknown_step_exit_2_nothing_written(db: str, csv_file: Path) -> 
     result = enrich("batch", "create", str(csv_file), "--steps", "step_a,enrich_with_magic")
     assert result.exit_code == 2
     assert "unknown step(s): enrich_with_magic" in result.stderr
-    assert "known steps: clean_company_name, normalize_domain, step_a, step_b" in result.stderr
+    assert (
+        "known steps: clean_company_name, normalize_domain, step_a, step_async, step_b"
+        in result.stderr
+    )
     assert table_counts(db) == (0, 0, 0)
 
 

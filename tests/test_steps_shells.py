@@ -48,7 +48,14 @@ def _ctx(
 
 
 def test_handlers_are_keyed_by_modal_function_name() -> None:
-    assert set(HANDLERS) == {"step_a", "step_b", "normalize_domain", "clean_company_name", "noop"}
+    assert set(HANDLERS) == {
+        "step_a",
+        "step_b",
+        "normalize_domain",
+        "clean_company_name",
+        "noop",
+        "step_async",
+    }
     assert HANDLERS["step_a"] is step_a
     assert HANDLERS["step_b"] is step_b
     assert HANDLERS["noop"] is noop
