@@ -77,6 +77,7 @@ class LocalDispatcher:
         handlers: Mapping[str, StepHandler] | None = None,
         on_chunk_done: Callable[[], None] | None = None,
         outage_seconds: float | None = DEFAULT_OUTAGE_SECONDS,
+        callback_url: Callable[[TaskRef], str] | None = None,
     ) -> None:
         if max_in_flight < 1 or chunk_size < 1 or workers < 1:
             raise ValueError("max_in_flight, chunk_size and workers must be at least 1")
@@ -85,6 +86,7 @@ class LocalDispatcher:
         self._chunk_size = chunk_size
         self._worker_count = workers
         self._handlers = handlers
+        self._callback_url = callback_url
         self._on_chunk_done = on_chunk_done
         self._outage_seconds = outage_seconds
         self._chunks: set[asyncio.Task[None]] = set()
@@ -149,6 +151,7 @@ class LocalDispatcher:
                 on_settled=settled,
                 outage_seconds=self._outage_seconds,
                 report=report,
+                callback_url=self._callback_url,
             )
         except DatabaseUnavailable as exc:
             log.warning("%d %s rows left to their leases: %s", len(chunk), function_name, exc)
@@ -189,6 +192,7 @@ class LocalRunner:
         sweep_interval: float = 5.0,
         handlers: Mapping[str, StepHandler] | None = None,
         outage_seconds: float | None = DEFAULT_OUTAGE_SECONDS,
+        callback_url: Callable[[TaskRef], str] | None = None,
     ) -> None:
         self._dsn = dsn
         self._api = api
@@ -209,6 +213,7 @@ class LocalRunner:
             handlers=handlers,
             on_chunk_done=self._wake.set,
             outage_seconds=outage_seconds,
+            callback_url=callback_url,
         )
         self.stats = RunnerStats()
 

@@ -82,6 +82,24 @@ class Settings(BaseSettings):
         description="How long `enrich run` rides out an unreachable database (a restart, a "
         "failover) before it stops with its resume command. `enrich serve` never gives up.",
     )
+    callback_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("ENRICH_CALLBACK_SECRET", "callback_secret"),
+        description="Signs ASYNC callback tokens (>= 32 bytes). Unset: a key file in enrich_home.",
+    )
+    callback_secret_previous: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "ENRICH_CALLBACK_SECRET_PREVIOUS", "callback_secret_previous"
+        ),
+        description="The key before the last rotation: tokens it signed still verify.",
+    )
+    callback_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("ENRICH_CALLBACK_BASE_URL", "callback_base_url"),
+        description="Where providers reach the callback receiver (a tunnel to the local one, the "
+        "deployed endpoint); unset: http://127.0.0.1:<port> of the local receiver.",
+    )
     log_level: LogLevel = Field(
         default="INFO",
         validation_alias=AliasChoices("ENRICH_LOG_LEVEL", "LOG_LEVEL", "log_level"),

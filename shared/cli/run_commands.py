@@ -16,7 +16,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from shared.cli.batch_commands import (
     import_with_progress,
     print_progress,
 )
+from shared.cli.callbacks import blueprint_has_async_step, callback_receiver
 from shared.cli.logs import configure_cli_logging
 from shared.cli.progress import RateMeter, format_duration, print_plain, render
 from shared.db.connect import resolve_dsn
@@ -44,7 +45,7 @@ from shared.local import LocalRunner
 from shared.outage import DatabaseGone
 from shared.pg_state import PgStateAPI
 from shared.settings import get_settings
-from shared.state_api import BatchProgress
+from shared.state_api import BatchProgress, TaskRef
 from shared.steps.base import StepHandler
 from shared.steps.plugins import load_handlers
 
@@ -73,6 +74,7 @@ def _local_runner(
     sweep_interval: float,
     batch_ids: list[UUID] | None = None,
     outage_seconds: float | None = None,
+    callback_url: Callable[[TaskRef], str] | None = None,
 ) -> LocalRunner:
     """The pool sized by --concurrency: waves of at most 600 rows in chunks of at most 150, the
     sizes bench/throughput.py found to keep the hand-off short at full throughput."""
@@ -87,6 +89,7 @@ def _local_runner(
         sweep_interval=sweep_interval,
         handlers=handlers,
         outage_seconds=outage_seconds,
+        callback_url=callback_url,
     )
 
 
@@ -161,9 +164,15 @@ async def run_batch(
     console: Console,
     outage_seconds: float | None = None,
 ) -> RunOutcome:
-    """Run ``batch_id`` until it finishes, a stop signal, or the database stays away too long."""
+    """Run ``batch_id`` until it finishes, a stop signal, or the database stays away too long.
+    A blueprint with an ASYNC step gets a callback receiver on 127.0.0.1 (any free port)."""
     api = await PgStateAPI.open(dsn, max_size=workers + 4)
-    async with api:
+    async with api, contextlib.AsyncExitStack() as stack:
+        callback_url = None
+        if await blueprint_has_async_step(dsn, batch_id):
+            callback_url = await stack.enter_async_context(
+                callback_receiver(api, get_settings(), port=0)
+            )
         runner = _local_runner(
             dsn,
             api,
@@ -173,6 +182,7 @@ async def run_batch(
             sweep_interval=1.0,
             batch_ids=[batch_id],
             outage_seconds=outage_seconds,
+            callback_url=callback_url,
         )
         _install_stop_handlers(runner)
         started = time.monotonic()
@@ -346,7 +356,14 @@ def run(
     show_default=True,
     help="Seconds between sweeps for expired leases and due retries.",
 )
-def serve(concurrency: int, workers: int, sweep_interval: float) -> None:
+@click.option(
+    "--callback-port",
+    type=click.IntRange(0, 65535),
+    default=8787,
+    show_default=True,
+    help="Port of the callback receiver of ASYNC steps, on 127.0.0.1 (0: any free port).",
+)
+def serve(concurrency: int, workers: int, sweep_interval: float, callback_port: int) -> None:
     """Conductor loop and local workers as a service: runs every batch, created by any means
     (Supabase Studio, psql, enrich batch create), until Ctrl-C or SIGTERM."""
     settings = get_settings()
@@ -357,9 +374,15 @@ def serve(concurrency: int, workers: int, sweep_interval: float) -> None:
         handlers = load_handlers(settings.step_modules)
         dsn = await resolve_dsn()
         api = await PgStateAPI.open(dsn, max_size=workers + 4)
-        async with api:
+        async with api, callback_receiver(api, settings, port=callback_port) as callback_url:
             runner = _local_runner(
-                dsn, api, concurrency, workers, handlers, sweep_interval=sweep_interval
+                dsn,
+                api,
+                concurrency,
+                workers,
+                handlers,
+                sweep_interval=sweep_interval,
+                callback_url=callback_url,
             )
             _install_stop_handlers(runner)
             err.print(f"serving: {workers} workers, {concurrency} rows in flight; Ctrl-C to stop")

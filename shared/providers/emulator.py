@@ -64,7 +64,11 @@ class Emulator:
 
     async def _post(self, url: str, body: dict[str, Any]) -> None:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=10.0)
+            # A few kept-alive connections, as a provider's webhook sender has: hundreds of new
+            # connections at once overflow a busy receiver's accept queue.
+            self._client = httpx.AsyncClient(
+                timeout=10.0, limits=httpx.Limits(max_connections=16, max_keepalive_connections=16)
+            )
         wait = 0.2
         for attempt in range(1, DELIVERY_ATTEMPTS + 1):
             try:

@@ -1,0 +1,61 @@
+"""The local callback receiver of ``enrich run`` and ``enrich serve``: an HTTP listener on
+127.0.0.1 that applies ASYNC steps' callbacks, and the URLs the workers hand to providers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta, timezone
+from uuid import UUID
+
+import psycopg
+
+from shared.callbacks.receiver import create_callback_app, running
+from shared.callbacks.token import load_keys, sign
+from shared.errors import ConfigurationError
+from shared.settings import Settings
+from shared.state_api import StateAPI, TaskRef
+
+# A token outlives any callback deadline worth having; a later answer is stale anyway (409).
+TOKEN_TTL = timedelta(days=7)
+
+HAS_ASYNC_STEP = """
+select exists (
+  select 1 from public.batches b
+  cross join lateral jsonb_array_elements_text(b.blueprint) s(step_name)
+  join public.enrichment_registry r on r.step_name = s.step_name
+  where b.id = %(batch_id)s and r.type = 'ASYNC')
+"""
+
+
+async def blueprint_has_async_step(dsn: str, batch_id: UUID) -> bool:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(HAS_ASYNC_STEP, {"batch_id": batch_id})
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+
+@contextlib.asynccontextmanager
+async def callback_receiver(
+    api: StateAPI, settings: Settings, port: int
+) -> AsyncIterator[Callable[[TaskRef], str]]:
+    """Run the receiver on 127.0.0.1:``port`` (0: any free port) while the block runs; yields
+    the function that makes an attempt's callback URL."""
+    keys = load_keys(settings)
+    try:
+        server_cm = running(create_callback_app(api, keys), "127.0.0.1", port)
+        server = await server_cm.__aenter__()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{exc}: is another enrich serve running? choose another --callback-port"
+        ) from exc
+    base = (settings.callback_base_url or f"http://127.0.0.1:{server.port}").rstrip("/")
+
+    def url(task: TaskRef) -> str:
+        expires = datetime.now(timezone.utc) + TOKEN_TTL
+        return f"{base}/callbacks/{sign(task, keys, expires_at=expires)}"
+
+    try:
+        yield url
+    finally:
+        await server_cm.__aexit__(None, None, None)
