@@ -8,6 +8,8 @@ be rotated while callbacks signed with the old one are still out. Comparison is 
 Keys come from ``ENRICH_CALLBACK_SECRET`` / ``ENRICH_CALLBACK_SECRET_PREVIOUS`` (at least 32
 bytes), never from the database or a migration. With none set (the zero-configuration embedded
 default), a random key is kept in ``$ENRICH_HOME/callback.key`` (0600).
+
+A token is a bearer credential for one attempt: nothing here logs it, and no error repeats it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,20 +28,28 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from shared.errors import ConfigurationError, EnrichError
+from pydantic import SecretStr
+
+from shared.errors import ConfigurationError, TerminalError
 from shared.settings import Settings
 from shared.state_api import TaskRef
 
 VERSION = "v1"
 MIN_KEY_BYTES = 32
 KEY_FILE = "callback.key"
+# A real token is about 250 characters; refusing long ones bounds the work done before the
+# signature is checked (the payload is parsed first, to find its key id).
+MAX_TOKEN_CHARS = 2048
+# Unpadded base64url, strictly: the lenient decoder skips stray characters, so two different
+# strings would decode to one signature.
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
-class InvalidToken(EnrichError):
+class InvalidToken(TerminalError):
     """Malformed, forged, or signed with a key we do not hold."""
 
 
-class ExpiredToken(EnrichError):
+class ExpiredToken(TerminalError):
     """Well signed, but past its expiry."""
 
 
@@ -50,13 +61,17 @@ class CallbackKeys:
     previous: bytes | None = field(default=None, repr=False)
 
     def by_id(self, key_id: str) -> bytes | None:
+        """The key whose id is ``key_id`` (compared in constant time), or None."""
+        wanted = key_id.encode("utf-8", "replace")  # compare_digest refuses non-ASCII str
+        found = None
         for key in (self.current, self.previous):
-            if key is not None and hmac.compare_digest(_key_id(key), key_id):
-                return key
-        return None
+            if key is not None and hmac.compare_digest(_key_id(key).encode(), wanted):
+                found = key
+        return found
 
 
 def _key_id(key: bytes) -> str:
+    """A short, public name for a key: a hash of it, so it reveals nothing of the key."""
     return hashlib.sha256(b"enrich-callback-key-id:" + key).hexdigest()[:12]
 
 
@@ -65,20 +80,34 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if not _B64URL.fullmatch(text):
+        raise InvalidToken("a callback token that is not base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, binascii.Error):
+        raise InvalidToken("a callback token that is not base64url") from None
 
 
 def _mac(key: bytes, signed: str) -> bytes:
     return hmac.new(key, signed.encode("ascii"), hashlib.sha256).digest()
 
 
+def _aware(moment: datetime, name: str) -> datetime:
+    # A naive datetime would be read in the machine's local zone: a token expiring hours off.
+    if moment.tzinfo is None:
+        raise ValueError(f"{name} must be timezone-aware")
+    return moment
+
+
 def sign(task: TaskRef, keys: CallbackKeys, *, expires_at: datetime) -> str:
+    """A token for ``task`` (one attempt), valid until ``expires_at``, signed with the current
+    key."""
     payload = {
         "b": str(task.batch_id),
         "i": str(task.item_id),
         "s": task.step_name,
         "a": task.attempt,
-        "e": int(expires_at.timestamp()),
+        "e": int(_aware(expires_at, "expires_at").timestamp()),
         "k": _key_id(keys.current),
     }
     body = _b64(json.dumps(payload, separators=(",", ":")).encode())
@@ -87,37 +116,52 @@ def sign(task: TaskRef, keys: CallbackKeys, *, expires_at: datetime) -> str:
 
 
 def verify(token: str, keys: CallbackKeys, *, now: datetime | None = None) -> TaskRef:
-    """The attempt ``token`` was signed for. Raises InvalidToken or ExpiredToken."""
+    """The attempt ``token`` was signed for. Raises InvalidToken (malformed, forged, unknown key)
+    or ExpiredToken (well signed, too late)."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+        raise InvalidToken("not a callback token")
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != VERSION:
         raise InvalidToken("not a callback token")
-    signed = f"{parts[0]}.{parts[1]}"
+    raw_payload, signature = _unb64(parts[1]), _unb64(parts[2])
     try:
-        payload: Any = json.loads(_unb64(parts[1]))
-        signature = _unb64(parts[2])
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidToken("a callback token that does not decode") from None
+        payload: Any = json.loads(raw_payload)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise InvalidToken("a callback token whose payload is not JSON") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("k"), str):
         raise InvalidToken("a callback token without a key id")
     key = keys.by_id(payload["k"])
-    if key is None or not hmac.compare_digest(_mac(key, signed), signature):
+    if key is None:
+        raise InvalidToken("a callback token signed with an unknown key")
+    if not hmac.compare_digest(_mac(key, f"{parts[0]}.{parts[1]}"), signature):
         raise InvalidToken("a callback token with a bad signature")
     task, expiry = _fields(payload)
-    moment = now or datetime.now(timezone.utc)
-    if moment.timestamp() > expiry:
+    moment = datetime.now(timezone.utc) if now is None else _aware(now, "now")
+    if moment.timestamp() >= expiry:
         raise ExpiredToken("the callback token has expired")
     return task
 
 
 def _fields(payload: dict[str, Any]) -> tuple[TaskRef, int]:
-    try:
-        attempt, expiry = payload["a"], payload["e"]
-        if not isinstance(attempt, int) or not isinstance(expiry, int) or attempt < 1:
-            raise TypeError
-        task = TaskRef(UUID(payload["b"]), UUID(payload["i"]), str(payload["s"]), attempt)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise InvalidToken("a callback token with missing or malformed fields") from None
-    return task, expiry
+    """The signed fields, type-checked: a key holder's bug must not become a TypeError later."""
+    attempt, expiry = payload.get("a"), payload.get("e")
+    batch, item, step = payload.get("b"), payload.get("i"), payload.get("s")
+    if (
+        isinstance(attempt, int)
+        and not isinstance(attempt, bool)
+        and attempt >= 1
+        and isinstance(expiry, int)
+        and not isinstance(expiry, bool)
+        and isinstance(batch, str)
+        and isinstance(item, str)
+        and isinstance(step, str)
+        and step
+    ):
+        try:
+            return TaskRef(UUID(batch), UUID(item), step, attempt), expiry
+        except ValueError:
+            pass
+    raise InvalidToken("a callback token with missing or malformed fields")
 
 
 def load_keys(settings: Settings) -> CallbackKeys:
@@ -133,30 +177,51 @@ def load_keys(settings: Settings) -> CallbackKeys:
     return CallbackKeys(current, previous)
 
 
-def _secret(value: Any, name: str) -> bytes | None:
+def _secret(value: SecretStr | None, name: str) -> bytes | None:
     if value is None:
         return None
     raw = value.get_secret_value().encode()
     if len(raw) < MIN_KEY_BYTES:
-        raise ConfigurationError(f"{name} must be at least {MIN_KEY_BYTES} bytes long")
-    return bytes(raw)
+        # The length is not secret enough to matter; the value never appears.
+        raise ConfigurationError(
+            f"{name} must be at least {MIN_KEY_BYTES} bytes long (it has {len(raw)}); "
+            f'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+        )
+    return raw
 
 
 def _key_file(path: Path) -> bytes:
-    """A random key kept in ``path`` (0600), created once even if processes race."""
+    """A random key kept in ``path`` (0600), created once even if processes race: each writes a
+    private temporary file, and the first to hard-link it into place wins."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(MIN_KEY_BYTES) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())  # never a linked but empty key file after a crash
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process got there first: theirs wins
+        finally:
+            tmp.unlink(missing_ok=True)
+    return _read_key_file(path)
+
+
+def _read_key_file(path: Path) -> bytes:
+    if os.stat(path).st_mode & 0o077:
+        raise ConfigurationError(
+            f"{path} is readable by other users: chmod 600 it, or delete it to make a new key"
+        )
     try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(MIN_KEY_BYTES))
-    try:
-        os.link(tmp, path)  # fails if another process got there first: theirs wins
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-    return bytes.fromhex(path.read_text().strip())
+        key = bytes.fromhex(path.read_text().strip())
+    except ValueError:
+        key = b""
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigurationError(
+            f"{path} does not hold a key of {MIN_KEY_BYTES} bytes (hex): "
+            "delete it to make a new one"
+        )
+    return key
