@@ -15,8 +15,10 @@ from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from uuid import UUID
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigurationError
 
 NIL_UUID = UUID(int=0)
 MASK = "***"
@@ -158,5 +160,13 @@ def mask_dsn(dsn: str) -> str:
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process's settings, read from the environment once (``get_settings.cache_clear()`` to
-    re-read, e.g. in tests)."""
-    return Settings()
+    re-read, e.g. in tests). A bad value is a ConfigurationError naming the variable and what is
+    wrong with it, never echoing the value (it may be a secret)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ConfigurationError(f"bad setting: {problems}") from None

@@ -6,7 +6,10 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
+from click.testing import CliRunner
 
+from shared.cli.main import main
+from shared.errors import ConfigurationError
 from shared.settings import NIL_UUID, Settings, get_settings, mask_dsn
 
 
@@ -58,3 +61,21 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_get_settings_is_cached() -> None:
     assert get_settings() is get_settings()
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable_never_the_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ENRICH_DB_OUTAGE_SECONDS", "s3cr3t-looking")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigurationError, match="ENRICH_DB_OUTAGE_SECONDS") as raised:
+            get_settings()
+        assert "s3cr3t" not in str(raised.value)
+        result = CliRunner().invoke(main, ["batch", "list"])
+    finally:
+        monkeypatch.delenv("ENRICH_DB_OUTAGE_SECONDS")
+        get_settings.cache_clear()
+    assert result.exit_code == 2
+    assert "bad setting: ENRICH_DB_OUTAGE_SECONDS" in result.stderr
+    assert "s3cr3t" not in result.output and "Traceback" not in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import click
 
@@ -14,6 +15,7 @@ from shared.cli.run_commands import register_run_commands
 from shared.db.embedded import EmbeddedPostgres
 from shared.db.migrate import migrate_sync
 from shared.db.migrate import status as migration_status
+from shared.errors import ConfigurationError
 from shared.settings import get_settings
 
 
@@ -21,6 +23,13 @@ from shared.settings import get_settings
 @click.version_option(package_name="enrich-orchestrator")
 def main() -> None:
     """Data-enrichment orchestrator: PostgreSQL is the source of truth."""
+    # Read the settings once, here: a bad variable is one line and exit 2, before any command
+    # does anything, rather than a traceback from whichever command reads them first.
+    try:
+        get_settings()
+    except ConfigurationError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
 
 
 @main.group()
