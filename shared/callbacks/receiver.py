@@ -29,7 +29,7 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,13 +321,3 @@ async def serve_callbacks(
             raise OSError(f"the callback receiver did not start on {host}:{port}")
         await asyncio.sleep(0.01)
     return CallbackServer(host, int(sock.getsockname()[1]), server, task, sock)
-
-
-@contextlib.asynccontextmanager
-async def running(app: Starlette, host: str, port: int) -> AsyncIterator[CallbackServer]:
-    """``serve_callbacks`` for the duration of a block."""
-    handle = await serve_callbacks(app, host, port)
-    try:
-        yield handle
-    finally:
-        await handle.stop()

@@ -10,7 +10,7 @@ from uuid import UUID
 
 import psycopg
 
-from shared.callbacks.receiver import create_callback_app, running
+from shared.callbacks.receiver import create_callback_app, serve_callbacks
 from shared.callbacks.token import load_keys, sign
 from shared.errors import ConfigurationError
 from shared.settings import Settings
@@ -43,8 +43,7 @@ async def callback_receiver(
     the function that makes an attempt's callback URL."""
     keys = load_keys(settings)
     try:
-        server_cm = running(create_callback_app(api, keys), "127.0.0.1", port)
-        server = await server_cm.__aenter__()
+        server = await serve_callbacks(create_callback_app(api, keys), "127.0.0.1", port)
     except OSError as exc:
         raise ConfigurationError(
             f"{exc}: is another enrich serve running? choose another --callback-port"
@@ -58,4 +57,4 @@ async def callback_receiver(
     try:
         yield url
     finally:
-        await server_cm.__aexit__(None, None, None)
+        await server.stop()

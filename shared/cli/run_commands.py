@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from shared.callbacks.token import load_keys
 from shared.cli.batch_commands import (
     ImportInterrupted,
     _print_import_report,
@@ -269,6 +270,8 @@ def run(
 
     async def go() -> tuple[UUID, RunOutcome, list[dict[str, Any]]]:
         handlers = load_handlers(settings.step_modules)
+        if settings.callback_secret or settings.callback_secret_previous:
+            load_keys(settings)  # a bad key is refused before anything is imported
         dsn = await resolve_dsn()
         target = batch_id
         if file is not None:
