@@ -24,7 +24,9 @@
 --    (checked by the caller, which can see the processes) without waiting for their leases.
 -- 4. A QUEUED row whose lease expires never started: the sweep hands it back with its attempt
 --    refunded (up to three times per row, so a worker that never starts anything still ends in
---    FAILED rather than looping forever).
+--    FAILED rather than looping forever). The functions for it are here (refundable,
+--    hand_back_rows); the sweep itself is redefined once, in 20261130000800_async_steps.sql,
+--    which also knows about callback deadlines.
 
 alter table public.workflow_states add column lease_owner text;
 
@@ -369,45 +371,6 @@ create function public.refundable(p_status public.workflow_status, p_meta jsonb)
 language sql immutable
 as $$
   select p_status = 'QUEUED' and coalesce((p_meta ->> 'lease_refunds')::integer, 0) < public.max_lease_refunds()
-$$;
-
--- The sweep, as before, except that a QUEUED row whose lease passed never started (the process that
--- claimed it died, or its worker never came up): it gets its attempt back.
-create or replace function public.sweep_expired_leases(p_limit integer default 10000)
-returns table (batch_id uuid, item_id uuid, step_name text, attempt integer, status public.workflow_status)
-language plpgsql
-set search_path = public, pg_temp
-as $$
-#variable_conflict use_column
-declare
-  v_expired jsonb;
-  v_idle uuid[];
-begin
-  select coalesce(jsonb_agg(jsonb_build_object(
-           'id', x.id, 'retryable', true, 'kind', 'lease_expired',
-           'refund', refundable(x.status, x.meta),
-           'reason', format('lease expired while QUEUED (attempt %s): the step never started',
-                            x.attempt),
-           'error', format('lease expired while %s (attempt %s): the worker was lost or timed out',
-                           x.status, x.attempt))), '[]'::jsonb)
-    into v_expired
-  from (
-    select ws.id, ws.status, ws.attempt, ws.meta from workflow_states ws
-    where ws.status in ('QUEUED', 'IN_PROGRESS') and ws.lease_expires_at < now()
-    order by ws.lease_expires_at
-    limit p_limit
-    for update skip locked
-  ) x;
-
-  return query select * from hand_back_rows(v_expired);
-
-  select array_agg(b.id) into v_idle
-  from batches b
-  where b.status in ('PENDING', 'IN_PROGRESS') and b.item_count > 0
-    and not exists (select 1 from workflow_states ws
-                    where ws.batch_id = b.id and ws.status in ('PENDING', 'QUEUED', 'IN_PROGRESS'));
-  perform rollup_batches(v_idle);
-end
 $$;
 
 -- Rows leased by processes that are gone ---------------------------------------------------------

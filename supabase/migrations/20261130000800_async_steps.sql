@@ -88,7 +88,7 @@ begin
 end
 $$;
 
--- The sweep, knowing about callbacks ------------------------------------------------------------
+-- The sweep: refunds never-started rows (20261130000700) and knows about callbacks --------------
 
 -- Why a lease expired, for the row's error: a callback that never came, or a lost worker.
 create function public.lease_expiry_error(
