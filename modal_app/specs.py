@@ -19,6 +19,8 @@ class FunctionSpec:
     # database's own retries (config.max_attempts) come on top, with a new attempt each.
     modal_retries: int = 1
     max_containers: int | None = None
+    # ASYNC in the registry: its provider answers on the callback receiver.
+    answered_by_callback: bool = False
 
 
 FUNCTION_SPECS: dict[str, FunctionSpec] = {
@@ -26,5 +28,5 @@ FUNCTION_SPECS: dict[str, FunctionSpec] = {
     "step_b": FunctionSpec(timeout_seconds=60),
     "normalize_domain": FunctionSpec(timeout_seconds=60),
     "clean_company_name": FunctionSpec(timeout_seconds=60),
-    "step_async": FunctionSpec(timeout_seconds=30),
+    "step_async": FunctionSpec(timeout_seconds=30, answered_by_callback=True),
 }

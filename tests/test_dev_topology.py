@@ -29,6 +29,7 @@ from flows import dev_serve, dispatchers, relay
 from modal_app.local_service import create_app
 from shared.cli import dev_commands
 from shared.cli.dev_commands import process_alive
+from shared.settings import Settings
 
 from .conftest import make_short_home, remove_home
 
@@ -43,6 +44,8 @@ ITEMS = 40
 
 def test_the_cli_and_the_flows_agree_on_names() -> None:
     assert dev_commands.LOCAL_WORKERS_URL_ENV == dispatchers.LOCAL_WORKERS_URL_ENV
+    field = Settings.model_fields["callback_base_url"]
+    assert dev_commands.CALLBACK_BASE_URL_ENV in str(field.validation_alias)
     assert conductor_module.conductor.name == dev_commands.FLOW_NAME
     assert dev_commands.DEPLOYMENT_NAME == dev_serve.DEPLOYMENT_NAME
     assert relay.EVENT_NAME == dev_serve.EVENT_NAME
@@ -183,12 +186,13 @@ def test_dev_up_runs_a_studio_batch_through_event_triggered_flow_runs(
     api_url = urls["PREFECT_API_URL"]
     assert api_url.startswith("http://127.0.0.1:") and api_url.endswith("/api")
     assert urls["ENRICH_LOCAL_WORKERS_URL"].startswith("http://127.0.0.1:")
+    assert urls["ENRICH_CALLBACK_BASE_URL"].startswith("http://127.0.0.1:")
     up_seconds = time.monotonic() - began
 
     status = enrich(["dev", "status", "--json"], dev_env, timeout=60)
     assert status.returncode == 0, status.stderr
     parts = {p["part"]: p for p in json.loads(status.stdout)["parts"]}
-    assert set(parts) == {"workers", "prefect", "conductor", "relay"}
+    assert set(parts) == {"callbacks", "workers", "prefect", "conductor", "relay"}
     assert all(p["alive"] for p in parts.values()), parts
     pids = {name: int(p["pid"]) for name, p in parts.items()}
 
@@ -196,16 +200,18 @@ def test_dev_up_runs_a_studio_batch_through_event_triggered_flow_runs(
     again = enrich(["dev", "up", "--no-ui"], dev_env, timeout=UP_TIMEOUT_S)
     assert again.returncode == 0, again.stderr
     assert key_values(again.stdout)["PREFECT_API_URL"] == api_url
-    assert again.stderr.count("already running") == 4, again.stderr
+    assert again.stderr.count("already running") == 5, again.stderr
 
-    # A batch inserted with plain SQL, as Supabase Studio does.
+    # A batch inserted with plain SQL, as Supabase Studio does; its ASYNC step is answered by the
+    # emulator on the dev receiver.
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             "update enrichment_registry set config = config || '{\"sleep_ms\": 0}'::jsonb "
             "where step_name = 'step_a'"
         )
         row = conn.execute(
-            "insert into batches (blueprint) values ('[\"step_a\"]'::jsonb) returning id"
+            "insert into batches (blueprint) values ('[\"step_a\", \"step_async\"]'::jsonb)"
+            " returning id"
         ).fetchone()
         assert row is not None
         batch_id: UUID = row[0]
@@ -228,7 +234,7 @@ def test_dev_up_runs_a_studio_batch_through_event_triggered_flow_runs(
             "select meta -> 'dispatch' ->> 'call_id' from workflow_states where batch_id = %s",
             (batch_id,),
         ).fetchall()
-    assert len(calls) == ITEMS
+    assert len(calls) == 2 * ITEMS
     assert all(c[0] and c[0].startswith("local-") for c in calls), calls  # via the local workers
 
     # The runs that did it were started by the deployment's event trigger (an automation), not by

@@ -17,6 +17,7 @@ from modal_app.specs import FUNCTION_SPECS
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_ON_MODAL = {"noop"}  # a benchmark step, run only by the local pool
+WEB_ENDPOINTS = ["callbacks"]  # the Modal functions that are not steps
 
 PROBE = """
 import json, os
@@ -29,10 +30,12 @@ print(json.dumps({"app": m.app.name, "functions": names}))
 
 
 def seeded_registry(dsn: str) -> dict[str, dict[str, object]]:
-    """modal_function_name -> config of the registry as migrated and seeded (the test database)."""
+    """modal_function_name -> config of the registry as migrated and seeded (the test database),
+    with the step's type as config["type"]."""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            "select modal_function_name, config from enrichment_registry"
+            "select modal_function_name, config || jsonb_build_object('type', type)"
+            " from enrichment_registry"
         ).fetchall()
     return {name: config for name, config in rows if name not in NOT_ON_MODAL}
 
@@ -53,7 +56,7 @@ def test_importing_the_app_needs_no_modal_credentials(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["app"] == "enrichment-workers"
-    assert answer["functions"] == sorted(FUNCTION_SPECS)
+    assert answer["functions"] == sorted([*FUNCTION_SPECS, *WEB_ENDPOINTS])
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def test_there_is_a_function_for_every_registry_step(dsn: str, app_module: objec
     defined = {
         name for name, value in vars(app_module).items() if isinstance(value, modal.Function)
     }
-    assert defined == set(registry)
+    assert defined == set(registry) | set(WEB_ENDPOINTS)
     app = vars(app_module)["app"]
     for name in registry:
         assert vars(app_module)[name].app is app
@@ -80,3 +83,12 @@ def test_function_specs_match_the_registry_timeouts(dsn: str) -> None:
     assert set(FUNCTION_SPECS) == set(registry)
     for name, config in registry.items():
         assert FUNCTION_SPECS[name].timeout_seconds == config["timeout_seconds"], name
+        # An ASYNC step's function gets the callback key and the receiver's URL; a SYNC one not.
+        assert FUNCTION_SPECS[name].answered_by_callback == (config["type"] == "ASYNC"), name
+
+
+def test_the_receiver_is_a_web_endpoint_with_the_callback_key(app_module: object) -> None:
+    receiver = vars(app_module)["callbacks"]
+    assert receiver.app is vars(app_module)["app"]
+    assert receiver._is_web_endpoint()  # private: modal has no public accessor
+    assert not vars(app_module)["step_a"]._is_web_endpoint()

@@ -22,8 +22,9 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -37,6 +38,8 @@ from shared.state_api import TaskRef
 VERSION = "v1"
 MIN_KEY_BYTES = 32
 KEY_FILE = "callback.key"
+# A token outlives any callback deadline worth having; a later answer is stale anyway (409).
+TOKEN_TTL = timedelta(days=7)
 # A real token is about 250 characters; refusing long ones bounds the work done before the
 # signature is checked (the payload is parsed first, to find its key id).
 MAX_TOKEN_CHARS = 2048
@@ -225,3 +228,28 @@ def _read_key_file(path: Path) -> bytes:
             "delete it to make a new one"
         )
     return key
+
+
+def configured_keys(settings: Settings) -> CallbackKeys:
+    """The keys from the environment, never the key file: for a receiver and workers that run in
+    separate containers (Modal), where a key file would be a different random key in each, and
+    every callback would be refused as forged."""
+    if settings.callback_secret is None:
+        raise ConfigurationError(
+            "ENRICH_CALLBACK_SECRET is not set: the workers sign callback URLs with it and the "
+            "receiver verifies them, so both need the same value (deploy.sh puts it in the Modal "
+            "secret)"
+        )
+    return load_keys(settings)
+
+
+def callback_urls(
+    base_url: str, keys: CallbackKeys, ttl: timedelta = TOKEN_TTL
+) -> Callable[[TaskRef], str]:
+    """The function that gives each attempt its callback URL under ``base_url``, valid ``ttl``."""
+    base = base_url.rstrip("/")
+
+    def url(task: TaskRef) -> str:
+        return f"{base}/callbacks/{sign(task, keys, expires_at=datetime.now(timezone.utc) + ttl)}"
+
+    return url

@@ -7,7 +7,10 @@
 - the database: the private cluster (migrated), or ``DATABASE_URL`` (migrated too);
 - ``prefect``: a Prefect server (``prefect server start``), with its own ``PREFECT_HOME`` under
   ``dev/prefect`` (SQLite), waited for on ``/api/health`` (it takes 15-30 s to start);
-- ``workers``: the local stand-in for Modal (``python -m modal_app.local_service``);
+- ``callbacks``: the callback receiver of ASYNC steps (``python -m shared.callbacks.service``), the
+  same app as the Modal web endpoint;
+- ``workers``: the local stand-in for Modal (``python -m modal_app.local_service``), handing ASYNC
+  steps' providers URLs of ``callbacks`` (``ENRICH_CALLBACK_BASE_URL``);
 - ``conductor``: the conductor deployment served (``python -m flows.dev_serve``), run by the event
   ``enrichment.state.changed`` and every minute, dispatching to the local workers;
 - ``relay``: ``pg_notify`` to Prefect events (``python -m flows.relay``), the stand-in for pg_net
@@ -58,10 +61,11 @@ DEV_DIR = "dev"
 STATE_FILE = "state.json"
 # Names the CLI shares with flows/ and modal_app/ without importing them (tests check they agree).
 LOCAL_WORKERS_URL_ENV = "ENRICH_LOCAL_WORKERS_URL"
+CALLBACK_BASE_URL_ENV = "ENRICH_CALLBACK_BASE_URL"  # read by shared.settings
 FLOW_NAME = "enrichment-conductor"
 DEPLOYMENT_NAME = "dev"
 # The parts, in start order (down stops them in reverse).
-PARTS = ("workers", "prefect", "conductor", "relay")
+PARTS = ("callbacks", "workers", "prefect", "conductor", "relay")
 # Settings of the caller's that must not leak into the dev topology (a Prefect Cloud profile, an
 # API key, another server's database).
 DROPPED_ENV = (
@@ -334,10 +338,17 @@ def http_url(port: int) -> str:
     return f"http://{HOST}:{port}"
 
 
-def plan_workers(env: Mapping[str, str], port: int) -> Plan:
-    argv = [sys.executable, "-m", "modal_app.local_service", "--host", HOST, "--port", str(port)]
+def plan_callbacks(env: Mapping[str, str], port: int) -> Plan:
+    argv = [sys.executable, "-m", "shared.callbacks.service", "--host", HOST, "--port", str(port)]
     identity = {"dsn": env["DATABASE_URL"]}
-    return Plan("workers", argv, dict(env), port, http_url(port), identity)
+    return Plan("callbacks", argv, dict(env), port, http_url(port), identity)
+
+
+def plan_workers(env: Mapping[str, str], port: int, callbacks_url: str) -> Plan:
+    argv = [sys.executable, "-m", "modal_app.local_service", "--host", HOST, "--port", str(port)]
+    full = {**env, CALLBACK_BASE_URL_ENV: callbacks_url}
+    identity = {"dsn": env["DATABASE_URL"], "callbacks": callbacks_url}
+    return Plan("workers", argv, full, port, http_url(port), identity)
 
 
 def plan_prefect(env: Mapping[str, str], port: int, *, ui: bool) -> Plan:
@@ -519,8 +530,14 @@ def up(home: Path | None, ui: bool, timeout: float) -> None:
         topo = Topology(layout, state, _info)
         env = base_env(layout, dsn)
 
+        callbacks = topo.ensure(
+            "callbacks", lambda port: plan_callbacks(env, _port(port)), needs_port=True
+        )
+        callbacks_url = _url(callbacks)
         workers = topo.ensure(
-            "workers", lambda port: plan_workers(env, _port(port)), needs_port=True
+            "workers",
+            lambda port: plan_workers(env, _port(port), callbacks_url),
+            needs_port=True,
         )
         prefect = topo.ensure(
             "prefect", lambda port: plan_prefect(env, _port(port), ui=ui), needs_port=True
@@ -529,6 +546,8 @@ def up(home: Path | None, ui: bool, timeout: float) -> None:
         api_url = f"{server_url}/api"
         waited = topo.wait(prefect, lambda: http_ok(f"{api_url}/health"), timeout)
         _report(prefect, f"{server_url} (ready after {waited:.1f}s)")
+        topo.wait(callbacks, lambda: http_ok(f"{callbacks_url}/health"), PART_START_TIMEOUT_S)
+        _report(callbacks, f"{callbacks_url}/callbacks/{{token}}")
         workers_url = _url(workers)
         topo.wait(workers, lambda: http_ok(f"{workers_url}/health"), PART_START_TIMEOUT_S)
         _report(workers, workers_url)
@@ -549,6 +568,7 @@ def up(home: Path | None, ui: bool, timeout: float) -> None:
     click.echo(f"PREFECT_UI_URL={server_url if ui else ''}")
     click.echo(f"PREFECT_API_URL={api_url}")
     click.echo(f"{LOCAL_WORKERS_URL_ENV}={workers_url}")
+    click.echo(f"{CALLBACK_BASE_URL_ENV}={callbacks_url}")
     click.echo(f"DATABASE_URL={shown}")
 
 
