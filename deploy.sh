@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Production deployment: Supabase (database, Vault, Database Webhook), Modal (workers), Prefect Cloud
-# (work pool, conductor deployment with its trigger automation, webhook). No server of our own.
+# Production deployment: Supabase (database, Vault, Database Webhook), Modal (workers and the ASYNC
+# steps' callback receiver, a web endpoint), Prefect Cloud (work pool, conductor deployment with its
+# trigger automation, webhook). No server of our own.
 #
 # Dry run by default: checks the CLIs and the environment, then prints every command it would run,
 # secrets masked as ***. `--apply` runs them. Every step creates or updates, so running it again is
@@ -29,6 +30,7 @@ readonly REQUIRED_VARS=(
     "MODAL_TOKEN_ID|a Modal token id (modal token new)"
     "MODAL_TOKEN_SECRET|the Modal token's secret"
     "ENRICH_GIT_REPOSITORY|the https URL of this repository, cloned by each conductor run"
+    "ENRICH_CALLBACK_SECRET|signs ASYNC steps' callback URLs, >= 32 bytes; keep it (make one: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
 )
 # Optional, with their defaults.
 readonly OPTIONAL_VARS=(
@@ -44,12 +46,16 @@ readonly OPTIONAL_VARS=(
     "ENRICH_ENVIRONMENT|environment reported to Sentry (production)"
     "ENRICH_RELEASE|release reported to Sentry and the deployment version (git commit)"
     "SENTRY_DSN|Sentry DSN; empty: no error reporting"
+    "ENRICH_CALLBACK_SECRET_PREVIOUS|the callback key being rotated out, still accepted (empty: none)"
+    "CLAY_WEBHOOK_URL|the webhook URL of the Clay table clay_enrich sends rows to (empty: clay_enrich refuses new batches)"
+    "CLAY_WEBHOOK_TOKEN|the auth token of that Clay webhook, when it has one"
 )
 readonly REQUIRED_CLIS=(supabase modal prefect python3)
 # Values never printed. WEBHOOK_URL is the URL in use (a Prefect webhook URL is a credential).
 readonly SECRET_VARS=(SUPABASE_ACCESS_TOKEN SUPABASE_DB_PASSWORD SUPABASE_SERVICE_ROLE_KEY
     PREFECT_API_KEY MODAL_TOKEN_SECRET PREFECT_WEBHOOK_URL PREFECT_WEBHOOK_TOKEN ENRICH_GIT_TOKEN
-    SENTRY_DSN WEBHOOK_URL)
+    SENTRY_DSN WEBHOOK_URL ENRICH_CALLBACK_SECRET ENRICH_CALLBACK_SECRET_PREVIOUS CLAY_WEBHOOK_URL
+    CLAY_WEBHOOK_TOKEN)
 
 usage() {
     local entry
@@ -117,6 +123,16 @@ preflight() {
     fi
     if [[ -n "$PREFECT_WEBHOOK_URL" && ! "$PREFECT_WEBHOOK_URL" =~ ^https://[^[:space:]\']+$ ]]; then
         problems+=("PREFECT_WEBHOOK_URL must be an https URL")
+    fi
+    local key
+    for key in ENRICH_CALLBACK_SECRET ENRICH_CALLBACK_SECRET_PREVIOUS; do
+        # Bytes, as the workers count them (shared/callbacks/token.py, MIN_KEY_BYTES).
+        if [[ -n "${!key:-}" ]] && (($(printf '%s' "${!key}" | wc -c) < 32)); then
+            problems+=("$key must be at least 32 bytes long")
+        fi
+    done
+    if [[ -n "${CLAY_WEBHOOK_URL:-}" && ! "$CLAY_WEBHOOK_URL" =~ ^https://[^[:space:]]+$ ]]; then
+        problems+=("CLAY_WEBHOOK_URL must be an https URL")
     fi
     if [[ ! "$ENRICH_WEBHOOK_DEBOUNCE_SECONDS" =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
         problems+=("ENRICH_WEBHOOK_DEBOUNCE_SECONDS must be a number of seconds")
@@ -192,6 +208,14 @@ readonly SAVE_SECRET_BLOCK='import os, sys
 from prefect.blocks.system import Secret
 Secret(value=os.environ["SUPABASE_SERVICE_ROLE_KEY"]).save(sys.argv[1], overwrite=True)'
 
+# Prints the deployed receiver's URL and fails unless its /health answers 200 (the first call may
+# wait for a container to start).
+readonly CHECK_RECEIVER='import sys, httpx, modal
+url = modal.Function.from_name(sys.argv[1], "callbacks").get_web_url()
+answer = httpx.get(f"{url}/health", timeout=120)
+print(f"callback receiver: {url} (health: {answer.status_code})")
+sys.exit(0 if answer.status_code == 200 else 1)'
+
 # The interpreter the prefect CLI runs on (it has prefect installed), else python3.
 prefect_python() {
     local shebang
@@ -205,7 +229,7 @@ prefect_python() {
 }
 
 STEP=0
-readonly STEPS=10
+readonly STEPS=12
 step() {
     STEP=$((STEP + 1))
     printf '\n== [%d/%d] %s\n' "$STEP" "$STEPS" "$1"
@@ -260,7 +284,12 @@ step "Supabase: push the migrations and the seed (each applied once; the seed is
 run supabase db push --linked --include-seed --yes
 
 step "Modal: create or update the secret $ENRICH_MODAL_SECRET"
-secret_keys=(SUPABASE_URL SUPABASE_SERVICE_ROLE_KEY)
+secret_keys=(SUPABASE_URL SUPABASE_SERVICE_ROLE_KEY ENRICH_CALLBACK_SECRET)
+for key in ENRICH_CALLBACK_SECRET_PREVIOUS CLAY_WEBHOOK_URL CLAY_WEBHOOK_TOKEN; do
+    if [[ -n "${!key:-}" ]]; then
+        secret_keys+=("$key")
+    fi
+done
 if [[ -n "$SENTRY_DSN" ]]; then
     secret_keys+=(SENTRY_DSN SENTRY_ENVIRONMENT SENTRY_RELEASE)
 fi
@@ -290,8 +319,13 @@ fi
 note "values go through a private temporary file, not the command line"
 run modal secret create "$ENRICH_MODAL_SECRET" --from-dotenv "$dotenv" --force
 
-step "Modal: deploy the workers (app $ENRICH_MODAL_APP)"
+step "Modal: deploy the workers and the callback receiver (app $ENRICH_MODAL_APP)"
+note "the receiver is the web endpoint callbacks: POST <its URL>/callbacks/<token>, see README"
 run modal deploy modal_app/app.py
+
+step "Modal: check that the callback receiver answers"
+note "reads the endpoint's URL from Modal and calls GET /health (the receiver reaches the database)"
+run "${ENRICH_PREFECT_PYTHON:-$(prefect_python)}" -c "$CHECK_RECEIVER" "$ENRICH_MODAL_APP"
 
 step "Prefect: create or update the work pool $ENRICH_WORK_POOL (modal:push)"
 note "--provision-infrastructure stores the Modal token as a block, or reuses the existing block"
@@ -370,6 +404,19 @@ on conflict (key) do update set value = excluded.value, updated_at = now();
 delete from public.enrichment_settings where key = 'prefect_webhook_url';
 -- Webhook triggers (pg_net) and the pg_cron flush job; idempotent.
 select public.enable_state_webhooks();"
+
+step "Supabase: mark the steps whose provider is not deployed as unavailable"
+if [[ -n "${CLAY_WEBHOOK_URL:-}" ]]; then
+    clay_sql="update public.enrichment_registry set config = config - 'unavailable'
+  where step_name = 'clay_enrich';"
+else
+    note "CLAY_WEBHOOK_URL is not set: a batch naming clay_enrich is refused with this reason"
+    clay_sql="update public.enrichment_registry
+  set config = config || jsonb_build_object('unavailable',
+    'no Clay webhook URL was deployed to the workers: set CLAY_WEBHOOK_URL and run ./deploy.sh --apply')
+  where step_name = 'clay_enrich';"
+fi
+run_sql "$clay_sql"
 
 step "Check: the database's webhook status (read only)"
 run_sql "select public.state_webhook_status();"

@@ -44,6 +44,7 @@ SECRETS = {
     "SUPABASE_SERVICE_ROLE_KEY": "eyJhbGciOiJIUzI1NiJ9.service-role.signature",
     "PREFECT_API_KEY": "pnu_prefectapikey0123",
     "MODAL_TOKEN_SECRET": "as-modaltokensecret",
+    "ENRICH_CALLBACK_SECRET": "callback-secret-0123456789-abcdefghij",
 }
 ENV = {
     **SECRETS,
@@ -239,6 +240,7 @@ SUPABASE_FIRST = [
     "supabase db push --linked --include-seed --yes",
     "modal secret create enrichment-supabase --from-dotenv",
     "modal deploy modal_app/app.py",
+    "prefect-python -c",  # the callback receiver's health check, by its Modal URL
     "prefect --no-prompt work-pool create enrichment-modal --type modal:push"
     " --provision-infrastructure --overwrite",
     "prefect-python -c",
@@ -260,11 +262,17 @@ def test_dry_run_prints_the_whole_plan_in_order_and_runs_nothing(deploy: Deploy)
             "prefect cloud webhook ls --output json",
             "supabase db query --linked",
             "supabase db query --linked",
+            "supabase db query --linked",
         ],
     )
     assert '--template "$(cat deploy/prefect_webhook_template.json.j2)"' in result.stdout
     assert "select public.enable_state_webhooks();" in result.stdout
     assert "('webhook_debounce_seconds', '2')" in result.stdout
+    # The receiver is deployed with the workers, and checked; without a Clay URL, clay_enrich is
+    # marked unavailable (new batches naming it are refused with the reason).
+    assert "deploy the workers and the callback receiver" in result.stdout
+    assert 'modal.Function.from_name(sys.argv[1], "callbacks").get_web_url()' in result.stdout
+    assert "'unavailable'" in result.stdout and "set CLAY_WEBHOOK_URL" in result.stdout
     assert deploy.calls() == []  # nothing ran
 
 
@@ -356,12 +364,14 @@ def test_apply_runs_every_step_and_keeps_secrets_off_command_lines(deploy: Deplo
     assert deploy.file("modal-secret.env") == (
         f"SUPABASE_URL='{ENV['SUPABASE_URL']}'\n"
         f"SUPABASE_SERVICE_ROLE_KEY='{SECRETS['SUPABASE_SERVICE_ROLE_KEY']}'\n"
+        f"ENRICH_CALLBACK_SECRET='{SECRETS['ENRICH_CALLBACK_SECRET']}'\n"
     )
     assert deploy.file("modal-secret.mode").strip() == "600"
 
     # The service-role key went to a Prefect Secret block through the environment (the deployment
     # names the block, never the key: tests/test_conductor_secret.py).
-    [save] = [c for c in calls if c[0] == "prefect-python"]
+    [check, save] = [c for c in calls if c[0] == "prefect-python"]
+    assert check[-1] == "enrichment-workers"  # the receiver's check names the Modal app
     assert save[-1] == "enrichment-supabase-service-role-key"
     assert deploy.file("secret-block.value") == SECRETS["SUPABASE_SERVICE_ROLE_KEY"]
 
@@ -374,6 +384,32 @@ def test_apply_runs_every_step_and_keeps_secrets_off_command_lines(deploy: Deplo
     assert sql.count("select public.enable_state_webhooks();") == 1
     assert "select public.state_webhook_status();" in sql
     assert hook not in result.stdout  # printed masked
+
+
+def test_apply_with_a_clay_url_puts_it_in_the_modal_secret_and_makes_clay_available(
+    deploy: Deploy,
+) -> None:
+    clay = {
+        "CLAY_WEBHOOK_URL": "https://api.clay.com/v3/sources/webhook/pull-in-data-from-a-webhook-x",
+        "CLAY_WEBHOOK_TOKEN": "clay-token-value",
+        "ENRICH_CALLBACK_SECRET_PREVIOUS": "previous-callback-secret-0123456789",
+    }
+    result = deploy.run("--apply", env={**ENV, **clay})
+    assert result.returncode == 0, result.stderr + result.stdout
+    for name, value in clay.items():
+        assert value not in result.stdout + result.stderr, name  # masked
+        assert f"{name}='{value}'" in deploy.file("modal-secret.env"), name
+    sql = deploy.file("sql.log")
+    assert "set config = config - 'unavailable'" in sql and "'clay_enrich'" in sql
+    assert "jsonb_build_object('unavailable'" not in sql
+
+
+def test_a_short_callback_secret_is_refused(deploy: Deploy) -> None:
+    result = deploy.run(env={**ENV, "ENRICH_CALLBACK_SECRET": "short"})
+    assert result.returncode == 2
+    assert "ENRICH_CALLBACK_SECRET must be at least 32 bytes long" in result.stderr
+    assert "short" not in result.stdout + result.stderr.replace("must be", "")
+    assert deploy.calls() == []
 
 
 def test_apply_updates_an_existing_webhook(deploy: Deploy) -> None:
