@@ -15,6 +15,7 @@ from shared.callbacks.token import load_keys, sign
 from shared.errors import ConfigurationError
 from shared.settings import Settings
 from shared.state_api import StateAPI, TaskRef
+from shared.steps import CALLBACK_PARSERS
 
 # A token outlives any callback deadline worth having; a later answer is stale anyway (409).
 TOKEN_TTL = timedelta(days=7)
@@ -42,8 +43,9 @@ async def callback_receiver(
     """Run the receiver on 127.0.0.1:``port`` (0: any free port) while the block runs; yields
     the function that makes an attempt's callback URL."""
     keys = load_keys(settings)
+    app = create_callback_app(api, keys, parsers=CALLBACK_PARSERS)
     try:
-        server = await serve_callbacks(create_callback_app(api, keys), "127.0.0.1", port)
+        server = await serve_callbacks(app, "127.0.0.1", port)
     except OSError as exc:
         raise ConfigurationError(
             f"{exc}: is another enrich serve running? choose another --callback-port"
