@@ -3,8 +3,8 @@
 Output conventions: what a script consumes goes to stdout (the new batch id, alone on the last line;
 ``--json`` documents), everything for a human reading along (header mapping, warnings, progress)
 goes to stderr. Exit codes: 0 success, 1 an unknown batch or a database problem, 2 bad input (a bad
-CSV, an unknown step, an invalid UUID), with nothing written, 130 interrupted (Ctrl-C or SIGTERM),
-with one line saying what was written.
+CSV, an unknown step, an invalid UUID, a missing or bad setting), with nothing written, 130
+interrupted (Ctrl-C or SIGTERM), with one line saying what was written.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from rich.text import Text
 from shared.cli.progress import cell as progress_cell
 from shared.cli.progress import columns as progress_columns
 from shared.db.connect import resolve_dsn
-from shared.errors import EnrichError, InvalidInput, NotFound
+from shared.errors import ConfigurationError, EnrichError, InvalidInput, NotFound
 from shared.importer import DELIMITER_NAMES, ImportProgress, ImportReport, import_csv
 from shared.pg_state import PgStateAPI, translate_db_error
 from shared.settings import get_settings
@@ -95,6 +95,8 @@ def _fail_with(exc: EnrichError) -> NoReturn:
     """One line and the documented exit code for one of the project's errors."""
     if isinstance(exc, InvalidInput):
         _fail(str(exc), EXIT_BAD_INPUT)
+    if isinstance(exc, ConfigurationError):  # a bad setting is bad input too, as in `enrich`
+        _fail(f"{type(exc).__name__}: {exc}", EXIT_BAD_INPUT)
     if isinstance(exc, NotFound):
         _fail(str(exc), EXIT_NOT_FOUND)
     # The base class says nothing the message does not; a subclass names the kind of trouble.

@@ -16,7 +16,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +41,14 @@ from shared.cli.callbacks import blueprint_has_async_step, callback_receiver
 from shared.cli.logs import configure_cli_logging
 from shared.cli.progress import RateMeter, format_duration, print_plain, render
 from shared.db.connect import resolve_dsn
-from shared.errors import DatabaseUnavailable
+from shared.errors import ConfigurationError, DatabaseUnavailable
+from shared.importer import parse_steps
 from shared.local import LocalRunner
 from shared.outage import DatabaseGone
 from shared.pg_state import PgStateAPI
 from shared.settings import get_settings
 from shared.state_api import BatchProgress, TaskRef
+from shared.steps import PREFLIGHTS, Preflight
 from shared.steps.base import StepHandler
 from shared.steps.plugins import load_handlers
 
@@ -62,6 +64,16 @@ select step_name, meta ->> 'error' as error, count(*) as n
 from public.workflow_states
 where batch_id = %(batch_id)s and status = 'FAILED'
 group by 1, 2 order by n desc limit 5
+"""
+
+# The registry rows of the steps about to run (a new blueprint, or a resumed batch's).
+STEPS_TO_RUN = """
+select r.step_name, r.modal_function_name, r.config
+from public.enrichment_registry r
+where r.step_name = any(%(steps)s::text[])
+   or r.step_name in (select jsonb_array_elements_text(b.blueprint) from public.batches b
+                      where b.id = %(batch_id)s)
+order by r.step_name
 """
 
 
@@ -211,6 +223,29 @@ async def run_batch(
         return RunOutcome(progress, not finished, time.monotonic() - started, gone)
 
 
+async def preflight(
+    dsn: str,
+    steps: Sequence[str] = (),
+    batch_id: UUID | None = None,
+    checks: Mapping[str, Preflight] = PREFLIGHTS,
+) -> None:
+    """Run the preflight check of each step to be run (``steps``, or ``batch_id``'s blueprint)
+    with its registry config, before anything is imported or claimed: a missing setting (a Clay
+    webhook URL) is one ``ConfigurationError`` naming the step, not a failed row per item.
+    Unknown steps are left to the import, which refuses them with its own message."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(STEPS_TO_RUN, {"steps": list(steps), "batch_id": batch_id})
+        rows = await cur.fetchall()
+    for step_name, function_name, config in rows:
+        check = checks.get(function_name)
+        if check is None:
+            continue
+        try:
+            check(config or {})
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"step {step_name}: {exc}") from None
+
+
 async def _top_errors(dsn: str, batch_id: UUID) -> list[dict[str, Any]]:
     """The most common errors of the batch's failed rows; none if the database cannot say."""
     try:
@@ -273,6 +308,8 @@ def run(
         if settings.callback_secret or settings.callback_secret_previous:
             load_keys(settings)  # a bad key is refused before anything is imported
         dsn = await resolve_dsn()
+        # Before the import: a batch that cannot run is not written at all.
+        await preflight(dsn, parse_steps(steps) if steps else (), batch_id)
         target = batch_id
         if file is not None:
             report = await import_with_progress(
