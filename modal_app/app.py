@@ -112,3 +112,10 @@ async def clean_company_name(tasks: list[dict[str, Any]]) -> dict[str, Any]:
 @app.function(**_options("step_async"))
 async def step_async(tasks: list[dict[str, Any]]) -> dict[str, Any]:
     return await run_async_step("step_async", tasks)
+
+
+# The Clay webhook URL (and token) come from the same secret, when deploy.sh had them: without the
+# URL the registry marks clay_enrich unavailable, so no batch reaches this function.
+@app.function(**_options("clay_enrich"))
+async def clay_enrich(tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    return await run_async_step("clay_enrich", tasks)

@@ -150,3 +150,19 @@ class CleanCompanyNameResult(_StepResult, Base):
     name: Mapped[str | None] = mapped_column(Text)
     original_name: Mapped[str | None] = mapped_column(Text)
     source_field: Mapped[str | None] = mapped_column(Text)
+
+
+class ClayEnrichResult(_StepResult, Base):
+    __tablename__ = "clay_enrich_results"
+    request_id: Mapped[str | None] = mapped_column(Text)
+    company_name: Mapped[str | None] = mapped_column(Text)
+    domain: Mapped[str | None] = mapped_column(Text)
+    linkedin_url: Mapped[str | None] = mapped_column(Text)
+    website: Mapped[str | None] = mapped_column(Text)
+    employee_count: Mapped[int | None] = mapped_column(Integer)
+    employee_range: Mapped[str | None] = mapped_column(Text)
+    industry: Mapped[str | None] = mapped_column(Text)
+    country: Mapped[str | None] = mapped_column(Text)
+    location: Mapped[str | None] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    founded_year: Mapped[int | None] = mapped_column(Integer)

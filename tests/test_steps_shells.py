@@ -55,6 +55,7 @@ def test_handlers_are_keyed_by_modal_function_name() -> None:
         "clean_company_name",
         "noop",
         "step_async",
+        "clay_enrich",
     }
     assert HANDLERS["step_a"] is step_a
     assert HANDLERS["step_b"] is step_b

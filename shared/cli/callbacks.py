@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta, timezone
 from uuid import UUID
 
 import psycopg
 
 from shared.callbacks.receiver import create_callback_app, serve_callbacks
-from shared.callbacks.token import load_keys, sign
+from shared.callbacks.token import TOKEN_TTL as TOKEN_TTL  # bench/callbacks.py reads it here
+from shared.callbacks.token import callback_urls, load_keys
 from shared.errors import ConfigurationError
 from shared.settings import Settings
 from shared.state_api import StateAPI, TaskRef
 from shared.steps import CALLBACK_PARSERS
-
-# A token outlives any callback deadline worth having; a later answer is stale anyway (409).
-TOKEN_TTL = timedelta(days=7)
 
 HAS_ASYNC_STEP = """
 select exists (
@@ -50,13 +47,7 @@ async def callback_receiver(
         raise ConfigurationError(
             f"{exc}: is another enrich serve running? choose another --callback-port"
         ) from exc
-    base = (settings.callback_base_url or f"http://127.0.0.1:{server.port}").rstrip("/")
-
-    def url(task: TaskRef) -> str:
-        expires = datetime.now(timezone.utc) + TOKEN_TTL
-        return f"{base}/callbacks/{sign(task, keys, expires_at=expires)}"
-
     try:
-        yield url
+        yield callback_urls(settings.callback_base_url or server.url, keys)
     finally:
         await server.stop()
