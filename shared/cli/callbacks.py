@@ -45,7 +45,7 @@ async def callback_receiver(
         server = await serve_callbacks(app, "127.0.0.1", port)
     except OSError as exc:
         raise ConfigurationError(
-            f"{exc}: is another enrich serve running? choose another --callback-port"
+            f"{exc.strerror or exc}: is another enrich running? choose another --callback-port"
         ) from exc
     try:
         yield callback_urls(settings.callback_base_url or server.url, keys)

@@ -176,15 +176,17 @@ async def run_batch(
     handlers: Mapping[str, StepHandler],
     console: Console,
     outage_seconds: float | None = None,
+    callback_port: int = 0,
 ) -> RunOutcome:
     """Run ``batch_id`` until it finishes, a stop signal, or the database stays away too long.
-    A blueprint with an ASYNC step gets a callback receiver on 127.0.0.1 (any free port)."""
+    A blueprint with an ASYNC step gets a callback receiver on 127.0.0.1:``callback_port`` (0: any
+    free port)."""
     api = await PgStateAPI.open(dsn, max_size=workers + 4)
     async with api, contextlib.AsyncExitStack() as stack:
         callback_url = None
         if await blueprint_has_async_step(dsn, batch_id):
             callback_url = await stack.enter_async_context(
-                callback_receiver(api, get_settings(), port=0)
+                callback_receiver(api, get_settings(), port=callback_port)
             )
         runner = _local_runner(
             dsn,
@@ -278,6 +280,14 @@ async def _top_errors(dsn: str, batch_id: UUID) -> list[dict[str, Any]]:
 @click.option("--name", help="A name for the batch (default: the file name).")
 @click.option("--client-id", type=click.UUID, help="Owner of the batch (default ENRICH_CLIENT_ID).")
 @click.option("--skip-invalid", is_flag=True, help="Import valid rows, report malformed ones.")
+@click.option(
+    "--callback-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Port of the ASYNC steps' callback receiver on 127.0.0.1 (0: any free port); fix it to "
+    "forward a tunnel to it, with ENRICH_CALLBACK_BASE_URL set to the tunnel's URL.",
+)
 def run(
     file: Path | None,
     steps: str | None,
@@ -287,6 +297,7 @@ def run(
     name: str | None,
     client_id: UUID | None,
     skip_invalid: bool,
+    callback_port: int,
 ) -> None:
     """Import FILE.csv as a batch running --steps and run it to the end, here and now.
 
@@ -334,7 +345,12 @@ def run(
                 handlers=handlers,
                 console=err,
                 outage_seconds=settings.db_outage_seconds,
+                callback_port=callback_port,
             )
+        except ConfigurationError as exc:  # the callback port, say: the batch is safe
+            raise ConfigurationError(
+                f"{exc}; then resume with: enrich run --batch {target}"
+            ) from exc
         except (asyncio.CancelledError, KeyboardInterrupt):
             # Ctrl-C before the run's own stop handler was in place (it was connecting).
             raise ImportInterrupted(
