@@ -61,7 +61,7 @@ def test_step_async_runs_to_completion_through_real_callbacks(dsn: str, tmp_path
         ).fetchall()
     assert states == [("COMPLETED", 300)]
     assert results.fetchone() == (300, 300)  # duplicated callbacks wrote nothing twice
-    kinds = dict(retried)
+    kinds: dict[str, int] = dict(retried)
     assert kinds.get("worker_error", 0) > 0  # failure callbacks were retried
     assert kinds.get("callback_timeout", 0) > 0  # dropped callbacks hit their deadline
 
