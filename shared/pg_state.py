@@ -10,7 +10,9 @@ default needs psycopg's COPY and LISTEN/NOTIFY anyway. The seed's SQLAlchemy mod
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
@@ -55,6 +57,19 @@ def translate_db_error(exc: psycopg.Error) -> EnrichError:
         # Includes a connection lost to a server restart and the pool's "no connection in time".
         return DatabaseUnavailable(message)
     return EnrichError(message)
+
+
+# A deadlock (40P01) or serialization failure (40001) rolled the whole call back: it changed
+# nothing, so running it again is safe. Two bulk calls for the same rows in different orders (two
+# callback receivers applying one burst, say) deadlock now and then; the loser runs again.
+ROLLBACK_RERUNS = 4
+ROLLBACK_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+async def rollback_pause(rerun: int) -> None:
+    """A short, jittered pause before running a rolled-back call again, so the two do not meet
+    in the same order twice."""
+    await asyncio.sleep(random.uniform(0.005, 0.03) * (rerun + 1))
 
 
 def _task(row: Row) -> TaskRef:
@@ -107,14 +122,18 @@ class PgStateAPI:
         await self.close()
 
     async def _rows(self, name: str, params: Mapping[str, Any]) -> list[Row]:
-        try:
-            async with self._pool.connection() as conn:
-                cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(query(name), params)
-                rows: list[Row] = await cur.fetchall()
-                return rows
-        except psycopg.Error as exc:
-            raise translate_db_error(exc) from exc
+        for rerun in range(ROLLBACK_RERUNS + 1):
+            try:
+                async with self._pool.connection() as conn:
+                    cur = conn.cursor(row_factory=dict_row)
+                    await cur.execute(query(name), params)
+                    rows: list[Row] = await cur.fetchall()
+                    return rows
+            except psycopg.Error as exc:
+                if exc.sqlstate not in ROLLBACK_SQLSTATES or rerun == ROLLBACK_RERUNS:
+                    raise translate_db_error(exc) from exc
+                await rollback_pause(rerun)
+        raise AssertionError("unreachable")
 
     async def _each(
         self, name: str, params: Mapping[str, Any], build: Callable[[Row], T]

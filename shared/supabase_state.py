@@ -38,7 +38,7 @@ from shared.errors import (
     InvalidInput,
     NotFound,
 )
-from shared.pg_state import progress_from_json
+from shared.pg_state import ROLLBACK_RERUNS, ROLLBACK_SQLSTATES, progress_from_json, rollback_pause
 from shared.state_api import (
     BatchProgress,
     ClaimedTask,
@@ -208,10 +208,24 @@ class SupabaseStateAPI:
             body: dict[str, Any] = json.loads(json.dumps(params, default=str, allow_nan=False))
         except ValueError as exc:
             raise InvalidInput(f"{function}: arguments are not valid JSON: {exc}") from None
+        for rerun in range(ROLLBACK_RERUNS + 1):
+            try:
+                return await self._post(function, body)
+            except APIError as exc:  # rolled back (a deadlock): it changed nothing, run it again
+                if rerun == ROLLBACK_RERUNS:
+                    error = translate_api_error(exc)
+                    raise type(error)(self._redact(str(error))) from exc
+                await rollback_pause(rerun)
+        raise AssertionError("unreachable")
+
+    async def _post(self, function: str, body: dict[str, Any]) -> Any:
+        """One RPC call; raises APIError only for a rolled-back transaction."""
         token = _last_status.set(None)
         try:
             response = await self._client.rpc(function, body).execute()
         except APIError as exc:
+            if exc.code in ROLLBACK_SQLSTATES:
+                raise
             error = translate_api_error(exc, _last_status.get())
             raise type(error)(self._redact(str(error))) from exc
         except httpx.RequestError as exc:

@@ -210,7 +210,7 @@ def test_dev_up_runs_a_studio_batch_through_event_triggered_flow_runs(
             "where step_name = 'step_a'"
         )
         row = conn.execute(
-            "insert into batches (blueprint) values ('[\"step_a\", \"step_async\"]'::jsonb)"
+            'insert into batches (blueprint) values (\'["step_a", "step_async"]\'::jsonb)'
             " returning id"
         ).fetchone()
         assert row is not None

@@ -235,7 +235,6 @@ UNAVAILABLE: list[tuple[int, Any, dict[str, str]]] = [
     (504, {"code": "PGRST003", "message": "Timed out acquiring connection from pool."}, {}),
     (503, {"code": "08006", "message": "connection failure"}, {}),
     (500, {"code": "57014", "message": "canceling statement due to statement timeout"}, {}),
-    (500, {"code": "40001", "message": "could not serialize access"}, {}),
 ]
 
 
@@ -254,6 +253,24 @@ async def test_unavailable_answers_are_database_unavailable(
         with pytest.raises(DatabaseUnavailable):
             await api.claim(10)
     assert route.call_count == 1  # supabase-py's own retries are off
+
+
+async def test_a_rolled_back_call_runs_again(api: SupabaseStateAPI) -> None:
+    # PostgREST answers 40* (transaction rollback) with a 500 (PostgREST docs, "Errors": SQLSTATE
+    # to HTTP status). A deadlock rolled the whole call back, so running it again is safe.
+    deadlock = httpx.Response(500, json=pgrst("40P01", "deadlock detected"))
+    with respx.mock:
+        route = respx.post(f"{RPC}/cancel_batch").mock(
+            side_effect=[deadlock, httpx.Response(200, json=3)]
+        )
+        assert await api.cancel_batch(uuid.uuid4()) == 3
+    assert route.call_count == 2
+    serialization = httpx.Response(500, json=pgrst("40001", "could not serialize access"))
+    with respx.mock:
+        route = respx.post(f"{RPC}/claim_steps").mock(return_value=serialization)
+        with pytest.raises(DatabaseUnavailable, match="serialize"):
+            await api.claim(10)
+    assert route.call_count == 5  # four reruns, then the error
 
 
 # PostgREST's error JSON maps to our errors --------------------------------------------------------
