@@ -38,6 +38,17 @@ class StaleAttempt(TerminalError):
     """The database refused a call for an attempt that is no longer current (fencing)."""
 
 
+class RateLimited(RetryableError):
+    """A provider refused the call for its rate limit (HTTP 429). The row goes back to PENDING
+    after ``retry_after`` seconds (the provider's Retry-After; None: the step's backoff) without
+    using up an attempt, and the provider's shared bucket slows down for every worker."""
+
+    def __init__(self, message: str, *, provider: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.retry_after = retry_after
+
+
 class DispatchError(RetryableError):
     """Some claimed rows could not be sent to workers: ``unsent`` lists them, the rest were sent."""
 

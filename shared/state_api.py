@@ -113,6 +113,16 @@ class StepResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Cost:
+    """What one provider call cost: ``units`` in the provider's terms (searches, credits) and
+    ``usd``. A call served from the cache costs nothing and records no Cost."""
+
+    provider: str
+    units: float
+    usd: float
+
+
+@dataclass(frozen=True, slots=True)
 class StepFailure:
     task: TaskRef
     error: str

@@ -15,6 +15,7 @@ from typing import Any
 from uuid import UUID
 
 from shared.errors import ConfigurationError
+from shared.state_api import Cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,9 @@ class StepContext:
     # Results of the earlier steps the step's config ``needs``: {"normalize_domain": {...}}. A
     # step that has no result for this item (yet) is absent.
     inputs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Records what a provider call cost, as soon as the provider billed it (before the result is
+    # trusted: a call that then fails still cost money). The worker writes it to the ledger.
+    charge: Callable[[Cost], None] = field(default=lambda cost: None)
 
 
 @dataclass(frozen=True, slots=True)
