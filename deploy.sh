@@ -49,13 +49,21 @@ readonly OPTIONAL_VARS=(
     "ENRICH_CALLBACK_SECRET_PREVIOUS|the callback key being rotated out, still accepted (empty: none)"
     "CLAY_WEBHOOK_URL|the webhook URL of the Clay table clay_enrich sends rows to (empty: clay_enrich refuses new batches)"
     "CLAY_WEBHOOK_TOKEN|the auth token of that Clay webhook, when it has one"
+    "EXA_API_KEY|the Exa API key exa_verify calls with (empty: exa_verify refuses new batches)"
+    "EXA_BASE_URL|Exa's API base URL (default: Exa's own)"
 )
 readonly REQUIRED_CLIS=(supabase modal prefect python3)
 # Values never printed. WEBHOOK_URL is the URL in use (a Prefect webhook URL is a credential).
 readonly SECRET_VARS=(SUPABASE_ACCESS_TOKEN SUPABASE_DB_PASSWORD SUPABASE_SERVICE_ROLE_KEY
     PREFECT_API_KEY MODAL_TOKEN_SECRET PREFECT_WEBHOOK_URL PREFECT_WEBHOOK_TOKEN ENRICH_GIT_TOKEN
     SENTRY_DSN WEBHOOK_URL ENRICH_CALLBACK_SECRET ENRICH_CALLBACK_SECRET_PREVIOUS CLAY_WEBHOOK_URL
-    CLAY_WEBHOOK_TOKEN)
+    CLAY_WEBHOOK_TOKEN EXA_API_KEY)
+# step|the variable its provider needs|what it is. Without the variable, deploy.sh marks the step
+# unavailable in the registry (a batch naming it is refused at insert, with the reason).
+readonly PROVIDER_STEPS=(
+    "clay_enrich|CLAY_WEBHOOK_URL|Clay webhook URL"
+    "exa_verify|EXA_API_KEY|Exa API key"
+)
 
 usage() {
     local entry
@@ -131,9 +139,11 @@ preflight() {
             problems+=("$key must be at least 32 bytes long")
         fi
     done
-    if [[ -n "${CLAY_WEBHOOK_URL:-}" && ! "$CLAY_WEBHOOK_URL" =~ ^https://[^[:space:]]+$ ]]; then
-        problems+=("CLAY_WEBHOOK_URL must be an https URL")
-    fi
+    for key in CLAY_WEBHOOK_URL EXA_BASE_URL; do
+        if [[ -n "${!key:-}" && ! "${!key}" =~ ^https://[^[:space:]]+$ ]]; then
+            problems+=("$key must be an https URL")
+        fi
+    done
     if [[ ! "$ENRICH_WEBHOOK_DEBOUNCE_SECONDS" =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
         problems+=("ENRICH_WEBHOOK_DEBOUNCE_SECONDS must be a number of seconds")
     fi
@@ -285,7 +295,7 @@ run supabase db push --linked --include-seed --yes
 
 step "Modal: create or update the secret $ENRICH_MODAL_SECRET"
 secret_keys=(SUPABASE_URL SUPABASE_SERVICE_ROLE_KEY ENRICH_CALLBACK_SECRET)
-for key in ENRICH_CALLBACK_SECRET_PREVIOUS CLAY_WEBHOOK_URL CLAY_WEBHOOK_TOKEN; do
+for key in ENRICH_CALLBACK_SECRET_PREVIOUS CLAY_WEBHOOK_URL CLAY_WEBHOOK_TOKEN EXA_API_KEY EXA_BASE_URL; do
     if [[ -n "${!key:-}" ]]; then
         secret_keys+=("$key")
     fi
@@ -406,17 +416,23 @@ delete from public.enrichment_settings where key = 'prefect_webhook_url';
 select public.enable_state_webhooks();"
 
 step "Supabase: mark the steps whose provider is not deployed as unavailable"
-if [[ -n "${CLAY_WEBHOOK_URL:-}" ]]; then
-    clay_sql="update public.enrichment_registry set config = config - 'unavailable'
-  where step_name = 'clay_enrich';"
-else
-    note "CLAY_WEBHOOK_URL is not set: a batch naming clay_enrich is refused with this reason"
-    clay_sql="update public.enrichment_registry
+availability_sql=""
+for entry in "${PROVIDER_STEPS[@]}"; do
+    IFS='|' read -r step_name variable what <<<"$entry"
+    if [[ -n "${!variable:-}" ]]; then
+        availability_sql+="update public.enrichment_registry set config = config - 'unavailable'
+  where step_name = '$step_name';
+"
+    else
+        note "$variable is not set: a batch naming $step_name is refused with this reason"
+        availability_sql+="update public.enrichment_registry
   set config = config || jsonb_build_object('unavailable',
-    'no Clay webhook URL was deployed to the workers: set CLAY_WEBHOOK_URL and run ./deploy.sh --apply')
-  where step_name = 'clay_enrich';"
-fi
-run_sql "$clay_sql"
+    'no $what was deployed to the workers: set $variable and run ./deploy.sh --apply')
+  where step_name = '$step_name';
+"
+    fi
+done
+run_sql "$availability_sql"
 
 step "Check: the database's webhook status (read only)"
 run_sql "select public.state_webhook_status();"

@@ -273,6 +273,7 @@ def test_dry_run_prints_the_whole_plan_in_order_and_runs_nothing(deploy: Deploy)
     assert "deploy the workers and the callback receiver" in result.stdout
     assert 'modal.Function.from_name(sys.argv[1], "callbacks").get_web_url()' in result.stdout
     assert "'unavailable'" in result.stdout and "set CLAY_WEBHOOK_URL" in result.stdout
+    assert "set EXA_API_KEY" in result.stdout
     assert deploy.calls() == []  # nothing ran
 
 
@@ -400,8 +401,10 @@ def test_apply_with_a_clay_url_puts_it_in_the_modal_secret_and_makes_clay_availa
         assert value not in result.stdout + result.stderr, name  # masked
         assert f"{name}='{value}'" in deploy.file("modal-secret.env"), name
     sql = deploy.file("sql.log")
-    assert "set config = config - 'unavailable'" in sql and "'clay_enrich'" in sql
-    assert "jsonb_build_object('unavailable'" not in sql
+    assert "set config = config - 'unavailable'\n  where step_name = 'clay_enrich'" in sql
+    # No Exa key given: exa_verify alone is marked unavailable, naming the variable.
+    assert sql.count("jsonb_build_object('unavailable'") == 1
+    assert "set EXA_API_KEY" in sql and "where step_name = 'exa_verify'" in sql
 
 
 def test_a_short_callback_secret_is_refused(deploy: Deploy) -> None:
