@@ -34,3 +34,16 @@ values
    '{"needs": ["normalize_domain"], "timeout_seconds": 30, "request_timeout_seconds": 15, "callback_timeout_seconds": 3600, "max_attempts": 3, "backoff_seconds": 30, "webhook_url_env": "CLAY_WEBHOOK_URL", "auth_token_env": "CLAY_WEBHOOK_TOKEN", "auth_token_required": false}',
    'Company enrichment by a Clay table: posts name, domain and LinkedIn URL to its webhook; its HTTP API column calls back with the result.')
 on conflict (step_name) do nothing;
+
+-- Exa: one search per company for its official site (shared/steps/exa_verify.py). The API key is
+-- read from the variable api_key_env names (on Modal, the Exa secret), never stored here;
+-- base_url_env lets a stand-in serve it (shared/providers/exa_standin.py). provider names the
+-- shared rate limit and the ledger; cost_usd is what a call is recorded at when Exa's answer
+-- carries no costDollars. The result is cached per client for 30 days under the normalised domain
+-- and name, and an item for which normalize_domain found no domain is skipped (nothing to verify).
+insert into public.enrichment_registry (step_name, type, modal_function_name, results_table, config, description)
+values
+  ('exa_verify', 'SYNC', 'exa_verify', 'exa_verify_results',
+   '{"needs": ["normalize_domain"], "provider": "exa", "cost_usd": 0.007, "timeout_seconds": 30, "request_timeout_seconds": 10, "max_attempts": 3, "backoff_seconds": 5, "api_key_env": "EXA_API_KEY", "base_url_env": "EXA_BASE_URL", "num_results": 5, "search_type": "auto", "category": "company", "cache": {"ttl_seconds": 2592000, "key": ["normalize_domain.domain", "name"]}, "skip_unless": ["normalize_domain.domain"]}',
+   'Verifies the company''s domain with an Exa search for its official site: verified, confidence, the matching result and its evidence.')
+on conflict (step_name) do nothing;

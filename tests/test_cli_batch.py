@@ -115,8 +115,8 @@ def test_create_unknown_step_exit_2_nothing_written(db: str, csv_file: Path) -> 
     assert result.exit_code == 2
     assert "unknown step(s): enrich_with_magic" in result.stderr
     assert (
-        "known steps: clay_enrich, clean_company_name, normalize_domain, step_a, step_async,"
-        " step_b" in result.stderr
+        "known steps: clay_enrich, clean_company_name, exa_verify, normalize_domain, step_a,"
+        " step_async, step_b" in result.stderr
     )
     assert table_counts(db) == (0, 0, 0)
 

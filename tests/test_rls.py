@@ -94,7 +94,7 @@ async def test_a_client_sees_only_its_own_rows(conn: Conn, tenants: Tenants, who
             [result] = await fetch(conn, "select domain from normalize_domain_results")
             assert result["domain"] == f"{client}.example"
             # Everyone signed in may read the step registry.
-            assert len(await fetch(conn, "select step_name from enrichment_registry")) == 6
+            assert len(await fetch(conn, "select step_name from enrichment_registry")) == 7
             progress = await fetch_one(conn, "select batch_progress(%s) as p", (own,))
             assert progress["p"]["items"] == 2
 

@@ -56,6 +56,7 @@ def test_handlers_are_keyed_by_modal_function_name() -> None:
         "noop",
         "step_async",
         "clay_enrich",
+        "exa_verify",
     }
     assert HANDLERS["step_a"] is step_a
     assert HANDLERS["step_b"] is step_b

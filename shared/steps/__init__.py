@@ -18,11 +18,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from shared.providers.clay import check_clay_config
+from shared.providers.exa import check_exa_config
 from shared.state_api import StepFailure, StepResult, TaskRef
 from shared.steps.async_shell import step_async
 from shared.steps.base import StepContext, StepHandler, Submitted
 from shared.steps.clay_enrich import clay_enrich, parse_clay_callback
 from shared.steps.domains import normalize_domain
+from shared.steps.exa_verify import exa_verify
 from shared.steps.names import clean_company_name
 from shared.steps.shells import noop, step_a, step_b
 
@@ -39,6 +41,7 @@ HANDLERS: dict[str, StepHandler] = {
     "noop": noop,
     "step_async": step_async,
     "clay_enrich": clay_enrich,
+    "exa_verify": exa_verify,
 }
 
 CALLBACK_PARSERS: dict[str, CallbackParser] = {
@@ -47,6 +50,7 @@ CALLBACK_PARSERS: dict[str, CallbackParser] = {
 
 PREFLIGHTS: dict[str, Preflight] = {
     "clay_enrich": check_clay_config,
+    "exa_verify": check_exa_config,
 }
 
 __all__ = [
