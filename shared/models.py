@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import enum
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKeyConstraint, Integer, Numeric, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    ForeignKeyConstraint,
+    Integer,
+    Numeric,
+    Text,
+)
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -76,6 +85,54 @@ class Batch(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     meta: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    budget_usd: Mapped[Decimal | None] = mapped_column(Numeric)
+    use_cache: Mapped[bool] = mapped_column(Boolean)
+    spent_usd: Mapped[Decimal] = mapped_column(Numeric)
+    paused_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Provider(Base):
+    """A paid API with shared rate limits (``claim_steps`` enforces them)."""
+
+    __tablename__ = "providers"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    requests_per_second: Mapped[Decimal] = mapped_column(Numeric)
+    burst: Mapped[int] = mapped_column(Integer)
+    max_concurrency: Mapped[int | None] = mapped_column(Integer)
+    daily_cap: Mapped[int | None] = mapped_column(Integer)
+    cost_usd: Mapped[Decimal | None] = mapped_column(Numeric)
+    recovery_seconds: Mapped[Decimal] = mapped_column(Numeric)
+    description: Mapped[str | None] = mapped_column(Text)
+    tokens: Mapped[Decimal | None] = mapped_column(Numeric)
+    refilled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    blocked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    slowdown: Mapped[Decimal] = mapped_column(Numeric)
+    slowed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    rate_limited: Mapped[int] = mapped_column(BigInteger)
+    calls_day: Mapped[date | None] = mapped_column(Date)
+    calls_today: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ProviderCost(Base):
+    """The cost ledger: one row per (batch, item, step, attempt, provider)."""
+
+    __tablename__ = "provider_costs"
+    __table_args__ = (
+        ForeignKeyConstraint(["batch_id", "item_id"], ["batch_items.batch_id", "batch_items.id"]),
+    )
+
+    batch_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    item_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    step_name: Mapped[str] = mapped_column(Text, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    provider: Mapped[str] = mapped_column(Text, primary_key=True)
+    units: Mapped[Decimal] = mapped_column(Numeric)
+    usd: Mapped[Decimal] = mapped_column(Numeric)
+    cached: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class BatchItem(Base):

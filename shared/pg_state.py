@@ -27,14 +27,18 @@ from shared.queries import query
 from shared.state_api import (
     STATUSES,
     BatchProgress,
+    BudgetState,
     ClaimedTask,
+    CostSummary,
     FailOutcome,
     Outcome,
     StartedTask,
+    StepDeferral,
     StepFailure,
     StepResult,
     StepSubmission,
     SweptRow,
+    TaskCost,
     TaskOutcome,
     TaskRef,
 )
@@ -147,6 +151,8 @@ class PgStateAPI:
         *,
         client_id: UUID | None = None,
         name: str | None = None,
+        budget_usd: float | None = None,
+        use_cache: bool = True,
     ) -> UUID:
         rows = await self._rows(
             "create_batch",
@@ -155,6 +161,8 @@ class PgStateAPI:
                 "items": Jsonb(list(items)),
                 "client_id": client_id,
                 "name": name,
+                "budget_usd": budget_usd,
+                "use_cache": use_cache,
             },
         )
         batch_id: UUID = rows[0]["batch_id"]
@@ -208,6 +216,25 @@ class PgStateAPI:
             {"failures": Jsonb(payload)},
             lambda r: FailOutcome(_task(r), Outcome(r["outcome"]), r["status"]),
         )
+
+    async def defer(self, deferrals: Sequence[StepDeferral]) -> list[FailOutcome]:
+        return await self._each(
+            "defer_steps",
+            {"deferrals": Jsonb([deferral_json(d) for d in deferrals])},
+            lambda r: FailOutcome(_task(r), Outcome(r["outcome"]), r["status"]),
+        )
+
+    async def record_costs(self, costs: Sequence[TaskCost]) -> int:
+        if not costs:
+            return 0
+        rows = await self._rows("record_costs", {"costs": Jsonb([c.to_json() for c in costs])})
+        return int(rows[0]["recorded"])
+
+    async def set_budget(self, batch_id: UUID, budget_usd: float | None) -> BudgetState:
+        rows = await self._rows(
+            "set_batch_budget", {"batch_id": batch_id, "budget_usd": budget_usd}
+        )
+        return budget_from_json(rows[0]["budget"])
 
     async def submit(self, submissions: Sequence[StepSubmission]) -> list[TaskOutcome]:
         payload = [{**s.task.to_json(), "request_id": s.request_id} for s in submissions]
@@ -287,6 +314,28 @@ def progress_from_json(data: Mapping[str, Any]) -> BatchProgress:
         cancelled=bool(data["cancelled"]),
         steps=steps,
         awaiting={step: int(data.get("awaiting_callback", {}).get(step, 0)) for step in steps},
+        cost=CostSummary.from_json(data.get("cost")),
+    )
+
+
+def deferral_json(deferral: StepDeferral) -> dict[str, Any]:
+    """A deferral as defer_steps takes it."""
+    return {
+        **deferral.task.to_json(),
+        "provider": deferral.provider,
+        "retry_after_seconds": deferral.retry_after,
+        "error": deferral.error,
+    }
+
+
+def budget_from_json(data: Mapping[str, Any]) -> BudgetState:
+    """set_batch_budget()'s answer."""
+    budget = data.get("budget_usd")
+    return BudgetState(
+        batch_id=UUID(str(data["batch_id"])),
+        budget_usd=None if budget is None else float(budget),
+        spent_usd=float(data.get("spent_usd") or 0),
+        paused_reason=data.get("paused_reason"),
     )
 
 

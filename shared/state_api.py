@@ -123,10 +123,44 @@ class Cost:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskCost:
+    """What one attempt's calls to one provider cost, for the ledger (``provider_costs``): the
+    worker sums a task's ``Cost`` charges per provider. ``cached``: served from the result cache
+    (``usd`` 0)."""
+
+    task: TaskRef
+    provider: str
+    units: float
+    usd: float
+    cached: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.task.to_json(),
+            "provider": self.provider,
+            "units": self.units,
+            "usd": self.usd,
+            "cached": self.cached,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class StepFailure:
     task: TaskRef
     error: str
     retryable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StepDeferral:
+    """A provider answered 429: the row goes back to PENDING after ``retry_after`` seconds (None:
+    the step's backoff) without using up an attempt, and ``provider``'s shared bucket slows down.
+    Past the step's ``max_rate_limited`` it counts as a retryable failure."""
+
+    task: TaskRef
+    provider: str
+    retry_after: float | None
+    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +181,60 @@ class SweptRow:
 
 
 @dataclass(frozen=True, slots=True)
+class CostSummary:
+    """What a batch spent on paid providers, its budget and a projection for the rest.
+
+    Paid rows are rows of steps whose config names a provider; ``projected_rest_usd`` is
+    ``spent / paid_rows_done x paid_rows_left`` (before any is done: the expected cost per call x
+    the rows left). ``paused_reason`` says why no paid row is claimed (the budget is reached)."""
+
+    spent_usd: float = 0.0
+    budget_usd: float | None = None
+    paused_reason: str | None = None
+    use_cache: bool = True
+    paid_steps: tuple[str, ...] = ()
+    paid_rows_done: int = 0
+    paid_rows_left: int = 0
+    projected_rest_usd: float = 0.0
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> CostSummary:
+        if not data:
+            return cls()
+        budget = data.get("budget_usd")
+        return cls(
+            spent_usd=float(data.get("spent_usd") or 0),
+            budget_usd=None if budget is None else float(budget),
+            paused_reason=data.get("paused_reason"),
+            use_cache=bool(data.get("use_cache", True)),
+            paid_steps=tuple(str(s) for s in data.get("paid_steps") or ()),
+            paid_rows_done=int(data.get("paid_rows_done") or 0),
+            paid_rows_left=int(data.get("paid_rows_left") or 0),
+            projected_rest_usd=float(data.get("projected_rest_usd") or 0),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spent_usd": self.spent_usd,
+            "budget_usd": self.budget_usd,
+            "projected_rest_usd": self.projected_rest_usd,
+            "paid_rows_done": self.paid_rows_done,
+            "paid_rows_left": self.paid_rows_left,
+            "paused_reason": self.paused_reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    """A batch's budget after ``set_budget``: ``paused_reason`` is None once it covers more."""
+
+    batch_id: UUID
+    budget_usd: float | None
+    spent_usd: float
+    paused_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class BatchProgress:
     batch_id: UUID
     name: str | None
@@ -157,6 +245,7 @@ class BatchProgress:
     steps: dict[str, dict[str, int]] = field(default_factory=dict)
     # step -> IN_PROGRESS rows of an ASYNC step awaiting their callback (no worker holds them).
     awaiting: dict[str, int] = field(default_factory=dict)
+    cost: CostSummary = field(default_factory=CostSummary)
 
     def running(self, step: str) -> int:
         """IN_PROGRESS rows of ``step`` that a worker is running (not awaiting a callback)."""
@@ -180,15 +269,29 @@ class BatchProgress:
             counts[s] for counts in self.steps.values() for s in ACTIVE_STATUSES
         )
 
+    @property
+    def paused(self) -> bool:
+        """Held by its budget with nothing else to do: every unfinished row is a PENDING row of
+        a paid step, and no paid row of the batch is claimed until the budget is raised."""
+        if self.cost.paused_reason is None or self.finished:
+            return False
+        paid = set(self.cost.paid_steps)
+        return not any(
+            counts["QUEUED"] or counts["IN_PROGRESS"] or (counts["PENDING"] and step not in paid)
+            for step, counts in self.steps.items()
+        )
+
     def to_json(self) -> dict[str, Any]:
         """The documented shape of ``enrich status --json``, plus ``awaiting_callback``: per
-        step, the IN_PROGRESS rows that wait for their provider's callback."""
+        step, the IN_PROGRESS rows that wait for their provider's callback, and ``cost``: what
+        paid providers cost so far, the budget and a projection (``CostSummary.to_json``)."""
         return {
             "batch_id": str(self.batch_id),
             "status": self.status,
             "items": self.items,
             "steps": {step: dict(counts) for step, counts in self.steps.items()},
             "awaiting_callback": {step: self.awaiting.get(step, 0) for step in self.steps},
+            "cost": self.cost.to_json(),
         }
 
 
@@ -206,8 +309,12 @@ class StateAPI(Protocol):
         *,
         client_id: UUID | None = None,
         name: str | None = None,
+        budget_usd: float | None = None,
+        use_cache: bool = True,
     ) -> UUID:
-        """Create a batch; every item's first step starts PENDING. Raises InvalidInput."""
+        """Create a batch; every item's first step starts PENDING. ``budget_usd`` caps what its
+        paid steps may spend (None: no cap); ``use_cache`` False makes them call their provider
+        even when the result cache has an answer. Raises InvalidInput."""
         ...
 
     async def claim(
@@ -233,6 +340,22 @@ class StateAPI(Protocol):
 
     async def fail(self, failures: Sequence[StepFailure]) -> list[FailOutcome]:
         """Retry with backoff while attempts remain (and the error is retryable), else FAILED."""
+        ...
+
+    async def defer(self, deferrals: Sequence[StepDeferral]) -> list[FailOutcome]:
+        """Rate limited (HTTP 429): IN_PROGRESS -> PENDING after the Retry-After, the attempt
+        refunded, and the provider's shared bucket slowed; past the step's ``max_rate_limited``,
+        as ``fail``. ``status`` is the row's status afterwards."""
+        ...
+
+    async def record_costs(self, costs: Sequence[TaskCost]) -> int:
+        """Write what provider calls cost to the ledger and the batches' ``spent_usd``, before the
+        verdicts they led to. Idempotent: returns how many were new (a repeat records none)."""
+        ...
+
+    async def set_budget(self, batch_id: UUID, budget_usd: float | None) -> BudgetState:
+        """Set a batch's budget (None: no cap). A budget above what was spent clears its pause and
+        wakes the conductor. Raises NotFound, InvalidInput."""
         ...
 
     async def submit(self, submissions: Sequence[StepSubmission]) -> list[TaskOutcome]:

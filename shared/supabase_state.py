@@ -38,17 +38,27 @@ from shared.errors import (
     InvalidInput,
     NotFound,
 )
-from shared.pg_state import ROLLBACK_RERUNS, ROLLBACK_SQLSTATES, progress_from_json, rollback_pause
+from shared.pg_state import (
+    ROLLBACK_RERUNS,
+    ROLLBACK_SQLSTATES,
+    budget_from_json,
+    deferral_json,
+    progress_from_json,
+    rollback_pause,
+)
 from shared.state_api import (
     BatchProgress,
+    BudgetState,
     ClaimedTask,
     FailOutcome,
     Outcome,
     StartedTask,
+    StepDeferral,
     StepFailure,
     StepResult,
     StepSubmission,
     SweptRow,
+    TaskCost,
     TaskOutcome,
     TaskRef,
 )
@@ -264,6 +274,8 @@ class SupabaseStateAPI:
         *,
         client_id: UUID | None = None,
         name: str | None = None,
+        budget_usd: float | None = None,
+        use_cache: bool = True,
     ) -> UUID:
         batch_id = await self._call(
             "create_batch",
@@ -272,6 +284,8 @@ class SupabaseStateAPI:
                 "p_items": list(items),
                 "p_client_id": None if client_id is None else str(client_id),
                 "p_name": name,
+                "p_budget_usd": budget_usd,
+                "p_use_cache": use_cache,
             },
         )
         return UUID(str(batch_id))
@@ -327,6 +341,29 @@ class SupabaseStateAPI:
             {"p_failures": payload},
             lambda r: FailOutcome(_task(r), Outcome(r["outcome"]), r["status"]),
         )
+
+    async def defer(self, deferrals: Sequence[StepDeferral]) -> list[FailOutcome]:
+        return await self._each(
+            "defer_steps",
+            {"p_deferrals": [deferral_json(d) for d in deferrals]},
+            lambda r: FailOutcome(_task(r), Outcome(r["outcome"]), r["status"]),
+        )
+
+    async def record_costs(self, costs: Sequence[TaskCost]) -> int:
+        if not costs:
+            return 0
+        rows = await self._rows("record_costs", {"p_costs": [c.to_json() for c in costs]})
+        return sum(1 for r in rows if r.get("outcome") == "ok")
+
+    async def set_budget(self, batch_id: UUID, budget_usd: float | None) -> BudgetState:
+        data = await self._call(
+            "set_batch_budget", {"p_batch_id": str(batch_id), "p_budget_usd": budget_usd}
+        )
+        if not isinstance(data, dict):
+            raise EnrichError(
+                f"set_batch_budget: expected a JSON object, got {type(data).__name__}"
+            )
+        return budget_from_json(data)
 
     async def submit(self, submissions: Sequence[StepSubmission]) -> list[TaskOutcome]:
         payload = [{**s.task.to_json(), "request_id": s.request_id} for s in submissions]

@@ -2,7 +2,8 @@
 -- Every state change is a State API function of supabase/migrations; these only call them.
 
 -- name: create_batch
-select public.create_batch(%(blueprint)s, %(items)s, %(client_id)s, %(name)s) as batch_id;
+select public.create_batch(%(blueprint)s, %(items)s, %(client_id)s, %(name)s, %(budget_usd)s::numeric,
+                           %(use_cache)s) as batch_id;
 
 -- name: claim_steps
 select batch_id, item_id, step_name, attempt, modal_function_name, step_type::text, lease_expires_at
@@ -18,6 +19,16 @@ select batch_id, item_id, step_name, attempt, outcome from public.complete_steps
 -- name: fail_steps
 select batch_id, item_id, step_name, attempt, outcome, status::text
 from public.fail_steps(%(failures)s);
+
+-- name: defer_steps
+select batch_id, item_id, step_name, attempt, outcome, status::text
+from public.defer_steps(%(deferrals)s);
+
+-- name: record_costs
+select count(*) filter (where outcome = 'ok') as recorded from public.record_costs(%(costs)s);
+
+-- name: set_batch_budget
+select public.set_batch_budget(%(batch_id)s, %(budget_usd)s::numeric) as budget;
 
 -- name: submit_steps
 select batch_id, item_id, step_name, attempt, outcome from public.submit_steps(%(submissions)s);
