@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared.callbacks.token import CallbackKeys, ExpiredToken, InvalidToken, verify
 from shared.errors import DatabaseUnavailable
@@ -155,21 +157,130 @@ def _is_json(content_type: str) -> bool:
     )
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None when it is over ``limit``: never reads more than ``limit`` + one chunk,
-    whatever Content-Length says (it may be absent, with chunked encoding, or lie)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async with contextlib.aclosing(request.stream()) as stream:
-        async for chunk in stream:
+# An answer: its status, its text, and any extra headers (None: the client went away).
+Answer = tuple[int, str, Mapping[str, str] | None]
+
+
+class _CallbackEndpoint:
+    """``POST /callbacks/{token}`` as a bare ASGI app: a provider's callback is the receiver's one
+    hot path, and Starlette's request, response and middleware objects cost more CPU than the
+    rest of it (bench/callbacks.py). Answers are the same JSON documents ``_answer`` renders."""
+
+    def __init__(
+        self,
+        coalescer: Coalescer,
+        keys: CallbackKeys,
+        parsers: Mapping[str, Parser],
+        max_body_bytes: int,
+    ) -> None:
+        self._coalescer = coalescer
+        self._keys = keys
+        self._parsers = parsers
+        self._max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            answer = await self._answer(scope, receive)
+        except Exception:
+            # As Starlette's error handling does: a JSON 500, then the exception goes on up, so
+            # the server logs the traceback.
+            await _send_answer(send, 500, "internal error", None)
+            raise
+        if answer is not None:
+            await _send_answer(send, *answer)
+
+    async def _answer(self, scope: Scope, receive: Receive) -> Answer | None:
+        # The token is a credential: it is never logged, and no answer repeats it.
+        try:
+            task = verify(scope["path_params"]["token"], self._keys)
+        except InvalidToken as exc:
+            log.info("callback refused: %s", exc)
+            return 401, "invalid token", None
+        except ExpiredToken:
+            return 410, "expired token", None
+        content_type, declared = "", ""
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value.decode("latin-1")
+            elif name == b"content-length":
+                declared = value.decode("latin-1")
+        if not _is_json(content_type):
+            return 415, "not JSON: send Content-Type application/json", None
+        limit = self._max_body_bytes
+        if declared.isdigit() and int(declared) > limit:
+            return 413, f"body over {limit} bytes", None
+        # Never more than the limit + one chunk, whatever Content-Length says (it may be absent,
+        # with chunked encoding, or lie).
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                return None
+                return 413, f"body over {limit} bytes", None
             chunks.append(chunk)
-    return b"".join(chunks)
+            more = message.get("more_body", False)
+        try:
+            data = json.loads(b"".join(chunks))
+        except ValueError:  # UnicodeDecodeError included
+            return 415, "not JSON", None
+        except RecursionError:
+            return 422, "JSON nested too deeply", None
+        if not isinstance(data, dict):
+            return 422, "the body must be a JSON object", None
+        try:
+            verdict = self._parsers.get(task.step_name, default_parser)(task, data)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("callback for %s: its parser refused the body (%r)", task.step_name, exc)
+            return 422, f"a body {task.step_name} cannot read", None
+        if verdict.task != task:  # a parser must answer for the attempt the token names
+            raise RuntimeError(f"the parser of {task.step_name} answered for another attempt")
+        try:
+            outcome = await self._coalescer.apply(verdict)
+        except DatabaseUnavailable:
+            return 503, "database unavailable", {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        status, text = STATUS_FOR_OUTCOME[outcome]
+        return status, text, None
+
+
+async def _send_answer(
+    send: Send, status: int, text: str, headers: Mapping[str, str] | None
+) -> None:
+    body = _ANSWER_BODIES.get(text) or _answer(status, text).body
+    raw = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+# The common answers' bodies, rendered once (as JSONResponse renders them).
+_ANSWER_BODIES = {
+    text: bytes(_answer(status, text).body)
+    for status, text in [*STATUS_FOR_OUTCOME.values(), (401, "invalid token")]
+}
+_CALLBACK_PATH = re.compile(r"/callbacks/([^/]+)")
+
+
+class _CallbackApp(Starlette):
+    """The receiver's Starlette app, which answers ``POST /callbacks/{token}`` itself, without
+    going through its routing and middleware layers (they answer everything else: 404, 405)."""
+
+    def __init__(self, endpoint: _CallbackEndpoint, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            match = _CALLBACK_PATH.fullmatch(scope["path"])
+            if match is not None:
+                scope["app"] = self
+                scope["path_params"] = {"token": match[1]}
+                await self._endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_callback_app(
@@ -184,43 +295,7 @@ def create_callback_app(
     """The receiver's ASGI app. ``parsers`` map a step name to its body parser
     (``default_parser`` otherwise)."""
     coalescer = Coalescer(api, window=batch_window_seconds, limit=batch_max)
-    by_step = dict(parsers or {})
-
-    async def callback(request: Request) -> Response:
-        # The token is a credential: it is never logged, and no answer repeats it.
-        try:
-            task = verify(request.path_params["token"], keys)
-        except InvalidToken as exc:
-            log.info("callback refused: %s", exc)
-            return _answer(401, "invalid token")
-        except ExpiredToken:
-            return _answer(410, "expired token")
-        if not _is_json(request.headers.get("content-type", "")):
-            return _answer(415, "not JSON: send Content-Type application/json")
-        body = await _read_body(request, max_body_bytes)
-        if body is None:
-            return _answer(413, f"body over {max_body_bytes} bytes")
-        try:
-            data = json.loads(body)
-        except ValueError:  # UnicodeDecodeError included
-            return _answer(415, "not JSON")
-        except RecursionError:
-            return _answer(422, "JSON nested too deeply")
-        if not isinstance(data, dict):
-            return _answer(422, "the body must be a JSON object")
-        try:
-            verdict = by_step.get(task.step_name, default_parser)(task, data)
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("callback for %s: its parser refused the body (%r)", task.step_name, exc)
-            return _answer(422, f"a body {task.step_name} cannot read")
-        if verdict.task != task:  # a parser must answer for the attempt the token names
-            raise RuntimeError(f"the parser of {task.step_name} answered for another attempt")
-        try:
-            outcome = await coalescer.apply(verdict)
-        except DatabaseUnavailable:
-            return _answer(503, "database unavailable", {"Retry-After": str(RETRY_AFTER_SECONDS)})
-        status, text = STATUS_FOR_OUTCOME[outcome]
-        return _answer(status, text)
+    endpoint = _CallbackEndpoint(coalescer, keys, dict(parsers or {}), max_body_bytes)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -230,8 +305,9 @@ def create_callback_app(
         # Starlette still re-raises it afterwards, so the server logs the traceback.
         return _answer(500, "internal error")
 
-    return Starlette(
-        routes=[Route("/callbacks/{token}", callback, methods=["POST"])],
+    return _CallbackApp(
+        endpoint,
+        routes=[Route("/callbacks/{token}", endpoint, methods=["POST"])],
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
 
@@ -276,7 +352,11 @@ def _listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound here rather than by uvicorn: on a bind error uvicorn calls
     sys.exit() inside its task (uvicorn 0.54 server.py, startup), and asyncio re-raises a
     SystemExit out of the event loop: the whole CLI would exit instead of reporting the port."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and an
+    # accepted socket inherits this one's. Without it, Nagle's algorithm holds each answer's body
+    # (uvicorn writes the head and the body apart) until the client's delayed ACK: 40 ms a request.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
         sock.bind((host, port))
@@ -289,7 +369,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 async def serve_callbacks(
-    app: Starlette,
+    app: ASGIApp,
     host: str = "127.0.0.1",
     port: int = 8787,
     *,
