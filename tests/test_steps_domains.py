@@ -282,3 +282,22 @@ async def test_handler_is_registered() -> None:
 async def test_handler_raises_terminal_error() -> None:
     with pytest.raises(TerminalError, match=r"uses free-mail domain gmail\.com"):
         await normalize_domain({"email": "a@gmail.com"}, _ctx())
+
+
+@pytest.mark.asyncio
+async def test_allow_missing_completes_without_a_domain() -> None:
+    found = await normalize_domain({"email": "a@gmail.com"}, _ctx({"allow_missing": True}))
+    assert found == {
+        "domain": None,
+        "domain_unicode": None,
+        "host": None,
+        "source_field": None,
+        "source_value": None,
+        "missing": "no usable domain: email='a@gmail.com' uses free-mail domain gmail.com",
+    }
+    kept = await normalize_domain({"website": "acme.io"}, _ctx({"allow_missing": True}))
+    assert kept["domain"] == "acme.io" and "missing" not in kept
+    with pytest.raises(ConfigurationError):  # a bad setting is still one
+        await normalize_domain({}, _ctx({"allow_missing": True, "source_fields": []}))
+    with pytest.raises(ConfigurationError, match="allow_missing must be true or false"):
+        await normalize_domain({"website": "acme.io"}, _ctx({"allow_missing": "yes"}))

@@ -16,7 +16,10 @@ IDNs are encoded per label with punycode after NFKC + lowercasing (IDNA 2008 / U
 with Python's ``idna`` codec, which implements IDNA 2003 and maps ``straße.de`` to ``strasse.de``.
 
 Config: ``source_fields`` (ordered list), ``extra_blocked_domains`` and
-``extra_free_mail_domains`` (lists of registrable domains added to the built-in ones).
+``extra_free_mail_domains`` (lists of registrable domains added to the built-in ones), and
+``allow_missing`` (default false): an item without a usable domain then completes with
+``domain`` null and the reason under ``missing``, instead of failing, so the rest of the pipeline
+still runs for it (a later step can be skipped for it: ``config.skip_unless``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from urllib.parse import urlsplit
 from publicsuffixlist import PublicSuffixList
 
 from shared.errors import ConfigurationError, TerminalError
-from shared.steps.base import StepContext, config_fields, field_value, present_keys
+from shared.steps.base import StepContext, config_fields, config_flag, field_value, present_keys
 
 DEFAULT_SOURCE_FIELDS = (
     "website",
@@ -322,5 +325,15 @@ def find_domain(raw: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, 
 
 async def normalize_domain(raw: Mapping[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Result: ``domain`` (ASCII registrable domain), ``domain_unicode``, ``host`` (full ASCII
-    host), ``source_field`` and ``source_value`` (the input that produced it)."""
-    return find_domain(raw, ctx.config)
+    host), ``source_field`` and ``source_value`` (the input that produced it); with
+    ``allow_missing``, all null and ``missing`` (why) when the row has no usable domain."""
+    allow_missing = config_flag(ctx.config, "allow_missing")
+    try:
+        return find_domain(raw, ctx.config)
+    except ConfigurationError:
+        raise
+    except TerminalError as exc:
+        if not allow_missing:
+            raise
+        empty = dict.fromkeys(("domain", "domain_unicode", "host", "source_field", "source_value"))
+        return {**empty, "missing": str(exc)}

@@ -123,5 +123,5 @@ def _name(raw: Mapping[str, Any], ctx: StepContext) -> str | None:
     for key in NAME_FIELDS:
         found = field_value(raw, key)
         if found is not None and (text := _text(found[1])):
-            return text
+            return " ".join(text.split())
     return None
