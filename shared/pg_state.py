@@ -315,6 +315,8 @@ def progress_from_json(data: Mapping[str, Any]) -> BatchProgress:
         steps=steps,
         awaiting={step: int(data.get("awaiting_callback", {}).get(step, 0)) for step in steps},
         cost=CostSummary.from_json(data.get("cost")),
+        skipped={step: int(data.get("skipped", {}).get(step, 0)) for step in steps},
+        cached={step: int(data.get("cached", {}).get(step, 0)) for step in steps},
     )
 
 

@@ -246,6 +246,10 @@ class BatchProgress:
     # step -> IN_PROGRESS rows of an ASYNC step awaiting their callback (no worker holds them).
     awaiting: dict[str, int] = field(default_factory=dict)
     cost: CostSummary = field(default_factory=CostSummary)
+    # step -> COMPLETED rows a condition skipped (config.skip_unless), and rows served from the
+    # result cache (config.cache); both are counted COMPLETED in ``steps`` too.
+    skipped: dict[str, int] = field(default_factory=dict)
+    cached: dict[str, int] = field(default_factory=dict)
 
     def running(self, step: str) -> int:
         """IN_PROGRESS rows of ``step`` that a worker is running (not awaiting a callback)."""
@@ -283,14 +287,18 @@ class BatchProgress:
 
     def to_json(self) -> dict[str, Any]:
         """The documented shape of ``enrich status --json``, plus ``awaiting_callback``: per
-        step, the IN_PROGRESS rows that wait for their provider's callback, and ``cost``: what
-        paid providers cost so far, the budget and a projection (``CostSummary.to_json``)."""
+        step, the IN_PROGRESS rows that wait for their provider's callback, ``skipped`` and
+        ``cached``: per step, the COMPLETED rows a condition skipped or the cache served, and
+        ``cost``: what paid providers cost so far, the budget and a projection
+        (``CostSummary.to_json``)."""
         return {
             "batch_id": str(self.batch_id),
             "status": self.status,
             "items": self.items,
             "steps": {step: dict(counts) for step, counts in self.steps.items()},
             "awaiting_callback": {step: self.awaiting.get(step, 0) for step in self.steps},
+            "skipped": {step: self.skipped.get(step, 0) for step in self.steps},
+            "cached": {step: self.cached.get(step, 0) for step in self.steps},
             "cost": self.cost.to_json(),
         }
 

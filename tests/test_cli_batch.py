@@ -150,6 +150,9 @@ def test_status_json_exact_shape(db: str, csv_file: Path) -> None:
         "items": 3,
         "steps": {"step_a": {**zero, "PENDING": 3}, "step_b": zero},
         "awaiting_callback": {"step_a": 0, "step_b": 0},
+        "skipped": {"step_a": 0, "step_b": 0},
+        "cached": {"step_a": 0, "step_b": 0},
+        "cost": json.loads(result.stdout)["cost"],  # its shape: tests of the ledger
     }
     assert list(json.loads(result.stdout)["steps"]) == ["step_a", "step_b"]
 

@@ -2,7 +2,8 @@
 
 ``export`` writes one row per item, in input order (``batch_items.seq``): the item's input columns
 (the union of the ``raw_data`` keys, in first-seen order), then for each blueprint step
-``<step>.status`` (AWAITING_CALLBACK for an ASYNC row waiting for its provider), ``<step>.error``
+``<step>.status`` (AWAITING_CALLBACK for an ASYNC row waiting for its provider, SKIPPED for a
+COMPLETED row a condition skipped: its result's ``skipped`` says why), ``<step>.error``
 (the error of a FAILED row) and one ``<step>.<key>`` column per
 top-level key of the step's ``result`` (the union over the batch, in first-seen order). A result
 key ``status`` or ``error`` becomes ``<step>.result.<key>``, so it never hides the state columns.
@@ -155,11 +156,14 @@ def rows_query(plan: ExportPlan, status: StatusFilter) -> tuple[sql.Composed, di
         s = sql.Identifier(f"s{i}")
         state_aliases.append(s)
         params[f"step{i}"] = step.name
-        # An ASYNC row waiting for its provider's callback is not "running": say so.
+        # An ASYNC row waiting for its provider's callback is not "running", and a row a
+        # condition skipped did not run: say so.
         fields.append(
             sql.SQL(
                 "case when public.awaiting_callback({s}.status, {s}.attempt, {s}.meta)"
-                " then 'AWAITING_CALLBACK' else {s}.status::text end"
+                " then 'AWAITING_CALLBACK'"
+                " when {s}.status = 'COMPLETED' and {s}.meta ? 'skipped' then 'SKIPPED'"
+                " else {s}.status::text end"
             ).format(s=s)
         )
         fields.append(

@@ -22,24 +22,38 @@ STATUS_STYLE = {
     "IN_PROGRESS": "cyan",
     "AWAITING": "magenta",
     "COMPLETED": "green",
+    "SKIPPED": "green dim",
+    "CACHED": "green dim",
     "FAILED": "red",
 }
 AWAITING = "AWAITING"
+# Parts of COMPLETED: rows a condition skipped, rows the result cache served.
+SKIPPED = "SKIPPED"
+CACHED = "CACHED"
 
 
 def columns(progress: BatchProgress) -> list[str]:
     """The status columns to show: AWAITING (ASYNC rows waiting for their provider's callback,
-    apart from the IN_PROGRESS rows a worker runs) only when some row awaits one."""
-    if not any(progress.awaiting.values()):
-        return list(STATUSES)
-    at = STATUSES.index("IN_PROGRESS") + 1
-    return [*STATUSES[:at], AWAITING, *STATUSES[at:]]
+    apart from the IN_PROGRESS rows a worker runs) only when some row awaits one; SKIPPED and
+    CACHED (of the COMPLETED rows) only when some row was skipped or served from the cache."""
+    shown = list(STATUSES)
+    if any(progress.awaiting.values()):
+        shown.insert(shown.index("IN_PROGRESS") + 1, AWAITING)
+    parts = [
+        c for c, n in ((SKIPPED, progress.skipped), (CACHED, progress.cached)) if any(n.values())
+    ]
+    at = shown.index("COMPLETED") + 1
+    return [*shown[:at], *parts, *shown[at:]]
 
 
 def cell(progress: BatchProgress, step: str, column: str) -> int:
     """The count of one table cell: IN_PROGRESS counts running rows only, when AWAITING is shown."""
     if column == AWAITING:
         return progress.awaiting.get(step, 0)
+    if column == SKIPPED:
+        return progress.skipped.get(step, 0)
+    if column == CACHED:
+        return progress.cached.get(step, 0)
     if column == "IN_PROGRESS":
         return progress.running(step)
     return progress.steps[step].get(column, 0)
@@ -141,6 +155,8 @@ def plain_line(progress: BatchProgress, meter: RateMeter, elapsed: float) -> str
         f"{step}: {counts['COMPLETED']:,} done/{counts['FAILED']:,} failed/"
         f"{counts['PENDING'] + counts['QUEUED'] + progress.running(step):,} active"
         + (f"/{progress.awaiting[step]:,} awaiting callback" if progress.awaiting.get(step) else "")
+        + (f" ({progress.skipped[step]:,} skipped)" if progress.skipped.get(step) else "")
+        + (f" ({progress.cached[step]:,} cached)" if progress.cached.get(step) else "")
         for step, counts in progress.steps.items()
     )
     return (
