@@ -38,6 +38,10 @@ STOP_SECONDS = 6.0
 # How often to look for rows held by stopped processes of this machine (at start, then on a sweep
 # at most this often: a process that dies while we run is rare, and the lease expiry covers it).
 RECLAIM_INTERVAL = 15.0
+# After a pass that claimed rows, the next comes within this long even if nothing wakes the loop:
+# rows a provider's bucket held back become claimable as it refills, and no notification says so.
+# Each pass that claims nothing doubles the wait, up to the sweep interval.
+IDLE_POLL_SECONDS = 0.05
 
 
 @dataclass
@@ -46,6 +50,7 @@ class PoolStats:
     completed: int = 0
     submitted: int = 0
     retried: int = 0
+    deferred: int = 0
     failed: int = 0
     refused: int = 0
     released: int = 0
@@ -55,6 +60,7 @@ class PoolStats:
         self.completed += report.completed
         self.submitted += report.submitted
         self.retried += report.retried
+        self.deferred += report.deferred
         self.failed += report.failed
         self.refused += report.refused
         self.released += report.released
@@ -204,6 +210,7 @@ class LocalRunner:
         self._listening = asyncio.Event()
         self.owner = process_owner()
         self._last_reclaim = float("-inf")
+        self._idle_poll = IDLE_POLL_SECONDS
         self.outage = Outage(outage_seconds)
         self.dispatcher = LocalDispatcher(
             api,
@@ -250,7 +257,7 @@ class LocalRunner:
                 if done:
                     break
                 timeout = max(self._sweep_interval - (time.monotonic() - last_sweep), 0.0)
-                await self._sleep(timeout)
+                await self._sleep(min(timeout, self._idle_poll))
         finally:
             await cancel_and_wait(listener)
             # While the database is away there is no one to hand rows back to: do not wait for it.
@@ -325,6 +332,9 @@ class LocalRunner:
         self.stats.passes += 1
         self.stats.claimed += report.claimed
         self.stats.swept += report.swept
+        self._idle_poll = (
+            IDLE_POLL_SECONDS if report.claimed else min(self._idle_poll * 2, self._sweep_interval)
+        )
         return report
 
     async def _reclaim_orphans(self) -> int:

@@ -6,6 +6,11 @@ tasks still running a moment (``FLUSH_DELAY_SECONDS``) to join, so a chunk of fa
 in one round trip and a slow task never keeps its chunk-mates' results back (nor lets their leases
 lapse while they wait). While the database is unreachable, writes are repeated for up to
 ``outage_seconds``: the calls are guarded by status and attempt, so a repeat is harmless.
+
+What the tasks' provider calls cost goes first, in one ``record_costs`` call per flush: every paid
+call lands in the ledger before its result is trusted. If the costs cannot be written, neither are
+the verdicts of that flush (their leases bring the rows back). Recording is idempotent, so a
+repeat after a lost answer counts nothing twice. A 429 (``StepDeferral``) is written with ``defer``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ from typing import Protocol
 
 from shared.errors import DatabaseUnavailable
 from shared.outage import call_through_outage
-from shared.state_api import StateAPI, StepFailure, StepResult, StepSubmission, TaskRef
+from shared.state_api import (
+    StateAPI,
+    StepDeferral,
+    StepFailure,
+    StepResult,
+    StepSubmission,
+    TaskCost,
+    TaskRef,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +39,9 @@ FLUSH_DELAY_SECONDS = 0.05
 # ...and a write carries at most this many rows.
 FLUSH_MAX_ROWS = 500
 
-# A result, a failure, or (ASYNC steps) the provider's receipt: the answer comes by callback.
-Verdict = StepResult | StepFailure | StepSubmission
+# A result, a failure, a 429 (back to PENDING after Retry-After), or (ASYNC steps) the provider's
+# receipt: the answer comes by callback.
+Verdict = StepResult | StepFailure | StepDeferral | StepSubmission
 
 
 class Tally(Protocol):
@@ -36,6 +50,7 @@ class Tally(Protocol):
     completed: int
     submitted: int
     retried: int
+    deferred: int
     failed: int
     refused: int
     unwritten: int
@@ -61,12 +76,22 @@ class VerdictWriter:
         self._still_running = still_running
         self._outage_seconds = outage_seconds
         self._verdicts: list[Verdict] = []
+        self._costs: list[TaskCost] = []
         self._added = asyncio.Event()
         self._closing = False
 
-    def add(self, verdict: Verdict) -> None:
+    def add(self, verdict: Verdict, costs: Sequence[TaskCost] = ()) -> None:
+        """Buffer a verdict, with what its task's provider calls cost (written first)."""
+        self._costs.extend(costs)
         self._verdicts.append(verdict)
         self._added.set()
+
+    def add_costs(self, costs: Sequence[TaskCost]) -> None:
+        """Costs of a task without a verdict to write (a stale attempt, a shutdown): a call that
+        was made was paid for."""
+        if costs:
+            self._costs.extend(costs)
+            self._added.set()
 
     def close(self) -> None:
         """No more verdicts will come: write what is buffered, then stop."""
@@ -75,7 +100,7 @@ class VerdictWriter:
 
     async def run(self) -> None:
         while True:
-            if not self._verdicts:
+            if not self._verdicts and not self._costs:
                 if self._closing:
                     return
                 self._added.clear()
@@ -83,7 +108,10 @@ class VerdictWriter:
                 continue
             await self._linger()
             batch, self._verdicts = self._verdicts[:FLUSH_MAX_ROWS], self._verdicts[FLUSH_MAX_ROWS:]
-            await self._write(batch)
+            # Every buffered cost: those of this batch's verdicts, and perhaps some of the next
+            # (recorded a moment early, never late).
+            costs, self._costs = self._costs, []
+            await self._write(batch, costs)
 
     async def _linger(self) -> None:
         """Give verdicts of tasks still running a moment to join this write."""
@@ -99,15 +127,20 @@ class VerdictWriter:
             except asyncio.TimeoutError:
                 return
 
-    async def _write(self, batch: Sequence[Verdict]) -> None:
+    async def _write(self, batch: Sequence[Verdict], costs: Sequence[TaskCost] = ()) -> None:
         results = [v for v in batch if isinstance(v, StepResult)]
         failures = [v for v in batch if isinstance(v, StepFailure)]
+        deferrals = [v for v in batch if isinstance(v, StepDeferral)]
         submissions = [v for v in batch if isinstance(v, StepSubmission)]
         try:
+            if costs:
+                await self._record(costs)
             if results:
                 await self._complete(results)
             if failures:
                 await self._fail(failures)
+            if deferrals:
+                await self._defer(deferrals)
             if submissions:
                 await self._submit(submissions)
         except DatabaseUnavailable as exc:
@@ -117,6 +150,27 @@ class VerdictWriter:
             log.warning("could not write %d verdicts: %s", len(batch), exc)
         finally:
             self._written([v.task for v in batch])
+
+    async def _record(self, costs: Sequence[TaskCost]) -> None:
+        await call_through_outage(
+            lambda: self._api.record_costs(costs),
+            limit_seconds=self._outage_seconds,
+            what="record costs",
+        )
+
+    async def _defer(self, deferrals: Sequence[StepDeferral]) -> None:
+        outcomes = await call_through_outage(
+            lambda: self._api.defer(deferrals),
+            limit_seconds=self._outage_seconds,
+            what="defer rate-limited steps",
+        )
+        for outcome in outcomes:
+            if not outcome.ok:
+                self._tally.refused += 1
+            elif outcome.status == "PENDING":
+                self._tally.deferred += 1
+            else:
+                self._tally.failed += 1
 
     async def _complete(self, results: Sequence[StepResult]) -> None:
         outcomes = await call_through_outage(

@@ -15,7 +15,11 @@ holding a lease, a slot of the pool and the chunk forever. A handler that ignore
 is abandoned, not awaited.
 
 Failures are classified once, here: ``RetryableError``, timeouts and unexpected exceptions are
-retried with backoff by the database, ``TerminalError`` fails the row at once. If the worker is
+retried with backoff by the database, ``TerminalError`` fails the row at once, ``RateLimited`` (a
+429) defers the row until its Retry-After without using an attempt and slows the provider's shared
+bucket. What a handler ``charge``s is summed per task and provider and written to the cost ledger
+before the task's verdict (``shared.verdicts``), including for a call that then failed, timed out
+or turned out stale. If the worker is
 cancelled (Ctrl-C, shutdown), the tasks still running are released back to PENDING without burning
 an attempt and verdicts already reached are still written. While the database is unreachable
 (a restart, a failover), calls are repeated until it is back, for up to ``outage_seconds``: every
@@ -26,18 +30,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from shared.errors import DatabaseUnavailable, RetryableError, StaleAttempt, TerminalError
+from shared.errors import (
+    DatabaseUnavailable,
+    RateLimited,
+    RetryableError,
+    StaleAttempt,
+    TerminalError,
+)
 from shared.outage import call_through_outage
 from shared.state_api import (
+    Cost,
     StartedTask,
     StateAPI,
+    StepDeferral,
     StepFailure,
     StepResult,
     StepSubmission,
+    TaskCost,
     TaskRef,
 )
 from shared.steps import HANDLERS, StepContext, StepHandler, Submitted
@@ -62,6 +76,7 @@ class ChunkReport:
     completed: int = 0
     submitted: int = 0  # ASYNC: sent to the provider, the row awaits its callback
     retried: int = 0
+    deferred: int = 0  # rate limited (429): PENDING again after Retry-After, no attempt used
     failed: int = 0
     refused: int = 0
     released: int = 0
@@ -158,6 +173,8 @@ class _Chunk:
         # Rows this worker still holds (heartbeated): started, verdict not yet written.
         self._held: dict[TaskRef, None] = {s.task: None for s in runnable}
         self._decided: set[TaskRef] = set()  # reached a verdict: never released
+        # What each task's provider calls cost so far: provider -> [units, usd].
+        self._charges: dict[TaskRef, dict[str, list[float]]] = {}
         self._running = len(self._runnable)
         self._all_decided = asyncio.Event()
         self._writer = VerdictWriter(
@@ -183,6 +200,8 @@ class _Chunk:
         watchdog = asyncio.create_task(self._watch())
         try:
             await self._all_decided.wait()
+            for task in list(self._charges):  # charged after its verdict (an abandoned handler)
+                self._writer.add_costs(self._costs(task))
             self._writer.close()
             await _wait_for(writer)
         except asyncio.CancelledError:
@@ -207,6 +226,7 @@ class _Chunk:
             heartbeat=lambda: _heartbeat_one(self._api, task),
             callback_url=None if self.callback_url is None else self.callback_url(task),
             inputs=started.inputs or {},
+            charge=self._charger(task),
         )
         async with self._semaphore:
             deadline = asyncio.get_running_loop().time() + _timeout(started)
@@ -239,16 +259,43 @@ class _Chunk:
                     del self._deadlines[runner]
                     self._decide(started.task, _timed_out(started))
 
+    def _charger(self, task: TaskRef) -> Callable[[Cost], None]:
+        """``ctx.charge`` for ``task``: sums what its calls cost, per provider."""
+
+        def charge(cost: Cost) -> None:
+            if not (
+                cost.provider
+                and math.isfinite(cost.units)
+                and math.isfinite(cost.usd)
+                and cost.units >= 0
+                and cost.usd >= 0
+            ):
+                raise ValueError(f"a cost needs a provider and finite amounts >= 0, got {cost!r}")
+            spent = self._charges.setdefault(task, {}).setdefault(cost.provider, [0.0, 0.0])
+            spent[0] += cost.units
+            spent[1] += cost.usd
+
+        return charge
+
+    def _costs(self, task: TaskRef) -> list[TaskCost]:
+        """What ``task`` was charged, taken (a later charge starts a new record)."""
+        return [
+            TaskCost(task, provider, units, usd)
+            for provider, (units, usd) in self._charges.pop(task, {}).items()
+        ]
+
     def _decide(self, task: TaskRef, verdict: Verdict | None) -> None:
         self._running -= 1
         if self._running == 0:
             self._all_decided.set()
+        costs = self._costs(task)
         if verdict is None:  # the attempt turned out stale: another attempt owns the row
             self._report.refused += 1
+            self._writer.add_costs(costs)
             self._let_go([task])
             return
         self._decided.add(task)
-        self._writer.add(verdict)
+        self._writer.add(verdict, costs)
 
     def _let_go(self, tasks: Sequence[TaskRef]) -> None:
         for task in tasks:
@@ -258,6 +305,9 @@ class _Chunk:
     async def _shut_down(self, writer: asyncio.Task[None]) -> None:
         """Cancelled: hand back what never reached a verdict, write what did, within a bound."""
         unfinished = [t for t in self._held if t not in self._decided]
+        # Calls cut short by the shutdown may have been paid for: into the ledger with the rest.
+        for task in list(self._charges):
+            self._writer.add_costs(self._costs(task))
         if unfinished:
             try:
                 outcomes = await asyncio.wait_for(
@@ -295,6 +345,8 @@ async def _run_handler(
         return None
     except TerminalError as exc:
         return StepFailure(task, str(exc), retryable=False)
+    except RateLimited as exc:
+        return StepDeferral(task, exc.provider, exc.retry_after, str(exc))
     except RetryableError as exc:
         return StepFailure(task, str(exc), retryable=True)
     except Exception as exc:  # an unexpected bug or library error: retry, and say what it was

@@ -473,7 +473,11 @@ $$;
 --      (later blueprint steps first, then oldest), without walking through the paid rows held
 --      back in front of them.
 -- Every row is still locked FOR UPDATE SKIP LOCKED: concurrent claimers never get the same row,
--- and the provider row lock makes them take tokens one after the other.
+-- and the provider row lock makes them take tokens one after the other. The rows picked are
+-- locked by id, their status compared as text so that the primary key, not a partial index on
+-- status, finds them (as in 20261130001000). enable_sort off (20261130001000) puts a huge cost on
+-- the small sorts the pair-by-pair merge needs, which would make PostgreSQL JIT-compile them
+-- (a quarter of a second per claim): jit is off.
 drop function public.claim_steps(integer, text[], uuid[], text);
 
 create function public.claim_steps(
@@ -493,6 +497,7 @@ create function public.claim_steps(
 language plpgsql
 set search_path = public, pg_temp
 set enable_sort = off
+set jit = off
 as $$
 #variable_conflict use_column
 declare
@@ -638,7 +643,7 @@ begin
             ) c
           ) t
           where t.remaining is null or t.spend <= t.remaining))
-        and ws.status = 'PENDING' and ws.run_after <= now()
+        and ws.status::text = 'PENDING' and ws.run_after <= now()
       for update of ws skip locked);
 
     if cardinality(v_got) > 0 then
@@ -681,7 +686,7 @@ begin
           ) c
           order by pr.step_index desc, c.run_after, c.id
           limit v_left))
-        and ws.status = 'PENDING' and ws.run_after <= now()
+        and ws.status::text = 'PENDING' and ws.run_after <= now()
       for update of ws skip locked);
     v_ids := v_ids || v_got;
   end if;
@@ -995,10 +1000,12 @@ grant execute on function
   public.create_batch(jsonb, jsonb, uuid, text, numeric, boolean)
   to service_role;
 -- What a signed-in user may call (RLS applies: its own batches only). batch_progress calls
--- batch_cost and its helpers as the user.
+-- batch_cost, and a budget edit the batches_budget trigger, with their helpers, as the user.
 grant execute on function
   public.create_batch(jsonb, jsonb, uuid, text, numeric, boolean),
   public.set_batch_budget(uuid, numeric),
   public.batch_cost(public.batches, jsonb),
-  public.step_provider(jsonb)
+  public.step_provider(jsonb),
+  public.format_usd(numeric),
+  public.budget_reached_reason(numeric, numeric)
   to authenticated;
