@@ -125,9 +125,10 @@ _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
 _REGISTRY_STEPS = "select step_name from public.enrichment_registry order by step_name"
 _INSERT_BATCH = (
-    "insert into public.batches (client_id, name, blueprint, meta)"
+    "insert into public.batches (client_id, name, blueprint, meta, budget_usd, use_cache)"
     " values (coalesce(%(client_id)s, public.request_client_id(),"
-    " '00000000-0000-0000-0000-000000000000'::uuid), %(name)s, %(blueprint)s, %(meta)s)"
+    " '00000000-0000-0000-0000-000000000000'::uuid), %(name)s, %(blueprint)s, %(meta)s,"
+    " %(budget_usd)s, %(use_cache)s)"
     " returning id"
 )
 _COPY_ITEMS = "copy public.batch_items (batch_id, raw_data) from stdin"
@@ -440,13 +441,18 @@ async def import_csv(
     delimiter: str | None = None,
     progress: ProgressCallback | None = None,
     progress_every: int = DEFAULT_PROGRESS_EVERY,
+    budget_usd: float | None = None,
+    use_cache: bool = True,
 ) -> ImportReport:
     """Import the CSV at ``path`` as a new batch running ``steps``; returns what was done.
 
     ``target`` is a DSN or an open async connection (the import runs in a transaction of its own,
-    or a savepoint if the connection is already in one). Raises ``InvalidInput`` (``MalformedCsv``
-    for malformed rows) with nothing written.
+    or a savepoint if the connection is already in one). ``budget_usd`` caps what the batch's paid
+    steps may spend; ``use_cache`` False makes them call their provider even for cached inputs.
+    Raises ``InvalidInput`` (``MalformedCsv`` for malformed rows) with nothing written.
     """
+    if budget_usd is not None and not budget_usd >= 0:
+        raise InvalidInput(f"a budget is an amount of USD >= 0, got {budget_usd}")
     if isinstance(target, str):
         try:
             conn = await psycopg.AsyncConnection.connect(target, autocommit=True)
@@ -463,6 +469,8 @@ async def import_csv(
                 delimiter=delimiter,
                 progress=progress,
                 progress_every=progress_every,
+                budget_usd=budget_usd,
+                use_cache=use_cache,
             )
     try:
         return await _import(
@@ -475,6 +483,8 @@ async def import_csv(
             delimiter=delimiter,
             progress=progress,
             progress_every=max(1, progress_every),
+            budget_usd=budget_usd,
+            use_cache=use_cache,
         )
     except psycopg.Error as exc:
         raise translate_db_error(exc) from exc
@@ -491,6 +501,8 @@ async def _import(
     delimiter: str | None,
     progress: ProgressCallback | None,
     progress_every: int,
+    budget_usd: float | None = None,
+    use_cache: bool = True,
 ) -> ImportReport:
     display = path.name
     if delimiter is not None and delimiter not in DELIMITERS:
@@ -561,6 +573,8 @@ async def _import(
                     "name": name,
                     "blueprint": Jsonb(list(steps)),
                     "meta": Jsonb({"source": {"file": display}}),
+                    "budget_usd": budget_usd,
+                    "use_cache": use_cache,
                 },
             )
             row = await cur.fetchone()

@@ -33,12 +33,13 @@ from rich.text import Text
 
 from shared.cli.progress import cell as progress_cell
 from shared.cli.progress import columns as progress_columns
+from shared.cli.progress import cost_line, usd_text
 from shared.db.connect import resolve_dsn
 from shared.errors import ConfigurationError, EnrichError, InvalidInput, NotFound
 from shared.importer import DELIMITER_NAMES, ImportProgress, ImportReport, import_csv
 from shared.pg_state import PgStateAPI, translate_db_error
 from shared.settings import get_settings
-from shared.state_api import BatchProgress
+from shared.state_api import BatchProgress, BudgetState
 
 T = TypeVar("T")
 
@@ -132,6 +133,19 @@ async def _dsn() -> str:
 
 # enrich batch ... ---------------------------------------------------------------------------------
 
+budget_option = click.option(
+    "--budget-usd",
+    type=click.FloatRange(min=0),
+    metavar="USD",
+    help="Stop claiming paid calls once the batch spent this much (raise it with "
+    "`enrich batch budget`).",
+)
+no_cache_option = click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Call paid providers even for inputs the result cache has an answer for.",
+)
+
 
 @click.group("batch")
 def batch() -> None:
@@ -158,6 +172,8 @@ def batch() -> None:
     type=click.Choice(["comma", "semicolon", "tab", "pipe"]),
     help="Field separator (default: sniffed from the file).",
 )
+@budget_option
+@no_cache_option
 def batch_create(
     file: Path,
     steps: str,
@@ -165,6 +181,8 @@ def batch_create(
     name: str | None,
     skip_invalid: bool,
     delimiter: str | None,
+    budget_usd: float | None,
+    no_cache: bool,
 ) -> None:
     """Create a batch from FILE.csv: one item per row, each starting the blueprint.
 
@@ -185,6 +203,8 @@ def batch_create(
             name=name or file.name,
             skip_invalid=skip_invalid,
             delimiter=sep,
+            budget_usd=budget_usd,
+            use_cache=not no_cache,
         )
 
     report = _run(go)
@@ -202,6 +222,8 @@ async def import_with_progress(
     name: str,
     skip_invalid: bool,
     delimiter: str | None = None,
+    budget_usd: float | None = None,
+    use_cache: bool = True,
 ) -> ImportReport:
     """import_csv, with a progress bar on a terminal for files large enough to take a while.
 
@@ -239,6 +261,8 @@ async def import_with_progress(
             skip_invalid=skip_invalid,
             delimiter=delimiter,
             progress=on_progress,
+            budget_usd=budget_usd,
+            use_cache=use_cache,
         )
 
 
@@ -259,6 +283,8 @@ async def _import_or_stop(
     skip_invalid: bool,
     delimiter: str | None,
     progress: Callable[[ImportProgress], None] | None,
+    budget_usd: float | None = None,
+    use_cache: bool = True,
 ) -> ImportReport:
     """import_csv in a transaction of our own, so that a stop signal is reported truthfully.
 
@@ -312,6 +338,8 @@ async def _import_or_stop(
                     delimiter=delimiter,
                     progress=progress,
                     progress_every=20_000,
+                    budget_usd=budget_usd,
+                    use_cache=use_cache,
                 )
                 stop.committing = True
         except BaseException:
@@ -438,6 +466,44 @@ def batch_list(limit: int, client_id: UUID | None, as_json: bool) -> None:
     _stdout().print(table)
 
 
+@batch.command("budget")
+@click.argument("batch_id", metavar="BATCH", type=click.UUID)
+@click.option("--usd", type=click.FloatRange(min=0), metavar="USD", help="The new budget, in USD.")
+@click.option("--none", "unlimited", is_flag=True, help="Remove the budget: no limit.")
+def batch_budget(batch_id: UUID, usd: float | None, unlimited: bool) -> None:
+    """Set what BATCH may spend on paid providers. A budget above what it spent resumes a batch
+    paused by its budget (a running `enrich serve` picks it up at once)."""
+    if (usd is None) == (not unlimited):
+        raise click.UsageError("give either --usd N or --none")
+
+    async def go() -> BudgetState:
+        api = await PgStateAPI.open(await _dsn(), min_size=1, max_size=1)
+        async with api:
+            return await api.set_budget(batch_id, usd)
+
+    state = _run(go)
+    err = _stderr()
+    budget = "no budget" if state.budget_usd is None else f"budget {usd_text(state.budget_usd)}"
+    err.print(f"batch {batch_id}: {budget}, {usd_text(state.spent_usd)} spent")
+    if state.paused_reason:
+        err.print(Text.assemble(("still paused: ", "yellow"), state.paused_reason))
+    else:
+        err.print(
+            f"paid rows are claimed again: `enrich run --batch {batch_id}` runs them (a running "
+            "`enrich serve` picks them up by itself)."
+        )
+    click.echo(json.dumps(_budget_json(state)))
+
+
+def _budget_json(state: BudgetState) -> dict[str, Any]:
+    return {
+        "batch_id": str(state.batch_id),
+        "budget_usd": state.budget_usd,
+        "spent_usd": state.spent_usd,
+        "paused_reason": state.paused_reason,
+    }
+
+
 def _batch_summary(row: dict[str, Any]) -> dict[str, Any]:
     items = int(row["item_count"])
     active = int(row["active"])
@@ -501,6 +567,9 @@ def print_progress(console: Console, progress: BatchProgress) -> None:
         f"items {progress.items:,}  completed {progress.items_completed:,}  "
         f"failed {progress.items_failed:,}"
     )
+    spend = cost_line(progress)
+    if spend is not None:
+        console.print(spend)
     table = Table(header_style="bold")
     table.add_column("step")
     shown = progress_columns(progress)
@@ -520,8 +589,10 @@ def register_batch_commands(group: click.Group) -> None:
 __all__ = [
     "ImportInterrupted",
     "batch",
+    "budget_option",
     "fetch_progress",
     "import_with_progress",
+    "no_cache_option",
     "print_progress",
     "register_batch_commands",
     "status",

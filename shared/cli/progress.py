@@ -113,6 +113,34 @@ def _items_done(progress: BatchProgress) -> int:
     return progress.items_completed + progress.items_failed
 
 
+def usd_text(amount: float) -> str:
+    """``$1,234.50``, ``$0.007``: cents always, fractions of a cent when there are some."""
+    text = f"{amount:,.4f}".rstrip("0")
+    whole, _, cents = text.partition(".")
+    return f"${whole}.{cents.ljust(2, '0')}"
+
+
+def cost_line(progress: BatchProgress) -> Text | None:
+    """What the batch's paid steps cost so far, its budget, a projection for the rest and why it
+    is paused; None for a batch without paid steps, budget or spend."""
+    cost = progress.cost
+    if not cost.paid_steps and not cost.spent_usd and cost.budget_usd is None:
+        return None
+    budget = "" if cost.budget_usd is None else f" of {usd_text(cost.budget_usd)} budget"
+    parts: list[str | tuple[str, str]] = [
+        ("cost ", "bold"),
+        f"{usd_text(cost.spent_usd)} spent{budget}",
+    ]
+    if cost.paid_rows_left:
+        parts.append(
+            f", ~{usd_text(cost.projected_rest_usd)} more for the {cost.paid_rows_left:,} paid "
+            "rows left"
+        )
+    if cost.paused_reason:
+        parts += ["  ", ("paused: ", "bold yellow"), (cost.paused_reason, "yellow")]
+    return Text.assemble(*parts)
+
+
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "--"
@@ -147,7 +175,8 @@ def render(progress: BatchProgress, meter: RateMeter, elapsed: float) -> Rendera
             *(f"{cell(progress, step, s):,}" for s in shown),
             f"{meter.step_rate(step):,.0f}",
         )
-    return Group(header, table)
+    spend = cost_line(progress)
+    return Group(header, table) if spend is None else Group(header, spend, table)
 
 
 def plain_line(progress: BatchProgress, meter: RateMeter, elapsed: float) -> str:
@@ -159,10 +188,12 @@ def plain_line(progress: BatchProgress, meter: RateMeter, elapsed: float) -> str
         + (f" ({progress.cached[step]:,} cached)" if progress.cached.get(step) else "")
         for step, counts in progress.steps.items()
     )
+    spend = cost_line(progress)
     return (
         f"[{format_duration(elapsed)}] {progress.items_completed:,}/{progress.items:,} items "
         f"completed, {progress.items_failed:,} failed, {meter.item_rate():,.0f} items/s, "
         f"ETA {format_duration(meter.eta_seconds(progress))} | {steps}"
+        + ("" if spend is None else f" | {spend.plain}")
     )
 
 

@@ -6,7 +6,9 @@ SIGTERM) stops cleanly: unfinished rows go back to PENDING with no attempt used,
 ``enrich run --batch ID`` resumes. A database restart is ridden out: the run reconnects and goes
 on; only a database gone for longer than ``ENRICH_DB_OUTAGE_SECONDS`` ends it, with one line and
 the resume command. Exit codes: 0 every item completed, 3 the batch finished with failed items,
-130 interrupted, 1/2 as the other commands (database problem / bad input).
+4 paused by its budget (nothing else left to run; raise it with ``enrich batch budget``, then
+``enrich run --batch ID``), 130 interrupted, 1/2 as the other commands (database problem / bad
+input).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from shared.cli.batch_commands import (
     _print_import_report,
     _run,
     _stderr,
+    budget_option,
     import_with_progress,
+    no_cache_option,
     print_progress,
 )
 from shared.cli.callbacks import blueprint_has_async_step, callback_receiver
@@ -53,6 +57,7 @@ from shared.steps.base import StepHandler
 from shared.steps.plugins import load_handlers
 
 EXIT_FAILED_ITEMS = 3
+EXIT_PAUSED = 4
 EXIT_INTERRUPTED = 130
 EXIT_DATABASE_GONE = 1
 PLAIN_PROGRESS_EVERY = 5.0
@@ -165,6 +170,7 @@ class RunOutcome:
     interrupted: bool
     seconds: float
     gone: DatabaseGone | None = None
+    paused: bool = False  # held by its budget, with nothing else to run
 
 
 async def run_batch(
@@ -202,12 +208,14 @@ async def run_batch(
         _install_stop_handlers(runner)
         started = time.monotonic()
         finished = False
+        paused = False
         gone: DatabaseGone | None = None
 
         async def until() -> bool:
-            nonlocal finished
-            finished = (await api.batch_progress(batch_id)).finished
-            return finished
+            nonlocal finished, paused
+            progress = await api.batch_progress(batch_id)
+            finished, paused = progress.finished, progress.paused
+            return finished or paused
 
         watcher = asyncio.create_task(_watch(api, batch_id, console, started))
         try:
@@ -222,7 +230,9 @@ async def run_batch(
             # Interrupted while the database is away: stop now, without a summary.
             with contextlib.suppress(asyncio.TimeoutError):
                 progress = await asyncio.wait_for(_progress_or_none(api, batch_id), FINAL_SECONDS)
-        return RunOutcome(progress, not finished, time.monotonic() - started, gone)
+        return RunOutcome(
+            progress, not (finished or paused), time.monotonic() - started, gone, paused
+        )
 
 
 async def preflight(
@@ -288,6 +298,8 @@ async def _top_errors(dsn: str, batch_id: UUID) -> list[dict[str, Any]]:
     help="Port of the ASYNC steps' callback receiver on 127.0.0.1 (0: any free port); fix it to "
     "forward a tunnel to it, with ENRICH_CALLBACK_BASE_URL set to the tunnel's URL.",
 )
+@budget_option
+@no_cache_option
 def run(
     file: Path | None,
     steps: str | None,
@@ -298,6 +310,8 @@ def run(
     client_id: UUID | None,
     skip_invalid: bool,
     callback_port: int,
+    budget_usd: float | None,
+    no_cache: bool,
 ) -> None:
     """Import FILE.csv as a batch running --steps and run it to the end, here and now.
 
@@ -310,6 +324,8 @@ def run(
         raise click.UsageError("--steps is required with FILE.csv (e.g. --steps normalize_domain)")
     if batch_id is not None and steps:
         raise click.UsageError("--steps belongs to a new batch; --batch resumes with its own")
+    if batch_id is not None and no_cache:
+        raise click.UsageError("--no-cache belongs to a new batch")
     settings = get_settings()
     err = _stderr()
     configure_cli_logging(settings.log_level)
@@ -331,10 +347,16 @@ def run(
                 client_id=client_id if client_id is not None else settings.client_id,
                 name=name or file.name,
                 skip_invalid=skip_invalid,
+                budget_usd=budget_usd,
+                use_cache=not no_cache,
             )
             _print_import_report(err, file, report)
             target = report.batch_id
             err.print(Text.assemble(("batch ", "bold"), str(target)))
+        elif budget_usd is not None:  # resuming with a new budget
+            assert batch_id is not None
+            async with await PgStateAPI.open(dsn, min_size=1, max_size=1) as budget_api:
+                await budget_api.set_budget(batch_id, budget_usd)
         assert target is not None
         try:
             outcome = await run_batch(
@@ -380,6 +402,16 @@ def run(
         f"{done:,}/{progress.items:,} items finished in {format_duration(seconds)} "
         f"({rate:,.0f} steps/s)"
     )
+    if outcome.paused:
+        err.print(
+            Text.assemble(("paused: ", "bold yellow"), progress.cost.paused_reason or "budget")
+        )
+        err.print(
+            f"raise the budget and resume with: enrich batch budget {target} --usd N && "
+            f"enrich run --batch {target}   (or: enrich run --batch {target} --budget-usd N)"
+        )
+        click.echo(str(target))
+        sys.exit(EXIT_PAUSED)
     if interrupted:
         err.print(Text.assemble(("stopped. ", "yellow"), resume))
         click.echo(str(target))
