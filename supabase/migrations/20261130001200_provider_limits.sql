@@ -52,7 +52,7 @@ create table public.providers (
   blocked_until timestamptz,
   slowdown numeric not null default 1 constraint providers_slowdown check (slowdown >= 1),
   slowed_at timestamptz,
-  rate_limited bigint not null default 0,
+  rate_limited bigint not null default 0,  -- 429 answers seen
   calls_day date,
   calls_today integer not null default 0,
   created_at timestamptz not null default now(),
@@ -571,16 +571,6 @@ begin
     return;
   end if;
 
-  -- Batches whose budget cannot pay for one more call of a step with ready rows say so.
-  update batches b
-  set paused_reason = budget_reached_reason(b.spent_usd, b.budget_usd), updated_at = now()
-  where b.id in (select pr.batch_id
-                 from jsonb_to_recordset(v_pairs)
-                   as pr(batch_id uuid, cost numeric, budget numeric, spent numeric, paused boolean)
-                 where pr.budget is not null and not pr.paused
-                   and (pr.spent >= pr.budget or pr.spent + pr.cost > pr.budget))
-    and b.paused_reason is null and b.budget_usd is not null;
-
   -- 1 and 2: paid rows, provider by provider.
   for v_provider in
     select distinct pr.provider from jsonb_to_recordset(v_pairs) as pr(provider text) order by 1
@@ -670,6 +660,17 @@ begin
     end if;
   end loop;
 
+  -- Batches whose budget cannot pay for one more call of a step with ready rows say so. After
+  -- the providers: every transition locks providers, then rows, then batches (defer_steps too).
+  update batches b
+  set paused_reason = budget_reached_reason(b.spent_usd, b.budget_usd), updated_at = now()
+  where b.id in (select pr.batch_id
+                 from jsonb_to_recordset(v_pairs)
+                   as pr(batch_id uuid, cost numeric, budget numeric, spent numeric, paused boolean)
+                 where pr.budget is not null and not pr.paused
+                   and (pr.spent >= pr.budget or pr.spent + pr.cost > pr.budget))
+    and b.paused_reason is null and b.budget_usd is not null;
+
   -- 3: rows of steps without a provider, pair by pair.
   if v_left > 0 then
     v_got := array(
@@ -742,7 +743,7 @@ begin
       as t(step_name text, provider text, retry_after_seconds numeric)
   ), named as (
     select coalesce(p_named.name, p_step.name) as provider,
-           max(least(coalesce(i.retry_after_seconds, 1), 3600)) as wait
+           max(least(coalesce(i.retry_after_seconds, 1), 3600)) as wait, count(*) as answers
     from input i
     left join providers p_named on p_named.name = i.provider
     left join enrichment_registry r on r.step_name = i.step_name
@@ -761,7 +762,7 @@ begin
                       then least(provider_slowdown(p, v_now) * 2, 64) else p.slowdown end,
       slowed_at = case when p.slowed_at is null or p.slowed_at < v_now - interval '1 second'
                        then v_now else p.slowed_at end,
-      rate_limited = p.rate_limited + 1
+      rate_limited = p.rate_limited + n.answers
   from named n, (select count(*) from locked) l
   where p.name = n.provider;
 
@@ -863,7 +864,8 @@ as $$
   select jsonb_build_object(
     'spent_usd', p_batch.spent_usd,
     'budget_usd', p_batch.budget_usd,
-    'paused_reason', p_batch.paused_reason,
+    -- A batch that finished (its last paid call reached the budget) is not paused.
+    'paused_reason', case when p_batch.status in ('PENDING', 'IN_PROGRESS') then p_batch.paused_reason end,
     'use_cache', p_batch.use_cache,
     'paid_steps', t.paid_steps,
     'paid_rows_done', t.done,

@@ -305,3 +305,19 @@ async def test_a_batch_without_paid_steps_shows_no_cost(state_api: StateAPI, con
     assert progress.cost.paid_steps == ()
     assert progress.cost.spent_usd == 0 and progress.cost.budget_usd == 3.0
     assert progress.cost.paused_reason is None and not progress.paused
+
+
+async def test_a_batch_that_spent_its_budget_on_its_last_row_is_finished_not_paused(
+    state_api: StateAPI, conn: Conn
+) -> None:
+    await add_provider(conn, cost_usd=0.5)
+    await add_paid_step(conn)
+    batch_id = await state_api.create_batch([PAID], [company(0), company(1)], budget_usd=1.0)
+    both = await claim_start(state_api, batch_id)
+    await state_api.record_costs([cost(t, 0.5) for t in both])
+    await state_api.complete([StepResult(t, {}) for t in both])
+
+    progress = await state_api.batch_progress(batch_id)
+    assert progress.finished and progress.status == "COMPLETED"
+    assert progress.cost.spent_usd == 1.0 and progress.cost.paused_reason is None
+    assert not progress.paused
