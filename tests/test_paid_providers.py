@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from uuid import UUID
 
@@ -113,7 +113,7 @@ async def api(dsn: str) -> AsyncIterator[PgStateAPI]:
 
 
 @pytest.fixture
-def provider_api() -> AsyncIterator[respx.MockRouter]:
+def provider_api() -> Iterator[respx.MockRouter]:
     with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
         yield router
 
