@@ -15,10 +15,12 @@ import pytest
 import respx
 from click.testing import CliRunner, Result
 from psycopg.types.json import Jsonb
+from rich.console import Console
 
 from shared.cli.main import main
-from shared.cli.progress import usd_text
+from shared.cli.progress import RateMeter, plain_line, render, usd_text
 from shared.settings import get_settings
+from shared.state_api import BatchProgress, CostSummary
 
 URL = "https://paid.test/v1/lookup"
 STEP = "paid_lookup"
@@ -163,3 +165,33 @@ def test_a_batch_without_paid_steps_shows_no_cost_line(db: str, csv_file: Path) 
 )
 def test_usd_text(amount: float, text: str) -> None:
     assert usd_text(amount) == text
+
+
+def test_the_live_display_shows_spend_budget_and_pause() -> None:
+    progress = BatchProgress(
+        batch_id=UUID(int=1),
+        name=None,
+        status="IN_PROGRESS",
+        items=10,
+        cancelled=False,
+        steps={STEP: {"PENDING": 6, "QUEUED": 0, "IN_PROGRESS": 0, "COMPLETED": 4, "FAILED": 0}},
+        cost=CostSummary(
+            spent_usd=0.04,
+            budget_usd=0.04,
+            paused_reason="budget reached: $0.04 of $0.04",
+            paid_steps=(STEP,),
+            paid_rows_done=4,
+            paid_rows_left=6,
+            projected_rest_usd=0.06,
+        ),
+    )
+    console = Console(width=200, record=True)
+    console.print(render(progress, RateMeter(), 3.0))
+    shown = console.export_text()
+    assert "cost $0.04 spent of $0.04 budget, ~$0.06 more for the 6 paid rows left" in shown
+    assert "paused: budget reached: $0.04 of $0.04" in shown
+    line = plain_line(progress, RateMeter(), 3.0)
+    assert line.endswith(
+        "| cost $0.04 spent of $0.04 budget, ~$0.06 more for the 6 paid rows left  "
+        "paused: budget reached: $0.04 of $0.04"
+    )
