@@ -80,12 +80,15 @@ DEFAULT_SEARCH_TYPE = "auto"
 DEFAULT_CATEGORY = "company"
 DEFAULT_COST_USD = 0.007  # https://exa.ai/docs/reference/pricing: $7 / 1k search requests
 # Searches in flight at once per process (event loop); more wait their turn (the step's timeout
-# bounds that). The shared rate limit is the database's; this bounds sockets and CPU: httpcore's
-# pool does work quadratic in its connections and queued requests for every request (with 64
-# connections and a few hundred queued searches it cost ~7 ms of CPU per search here), so
-# searches wait on a semaphore, not in the pool. 16 at Exa's latency (0.2 to 1 s) is 16 to 80
-# searches/s per process, above Exa's default 10 QPS; at the stand-in's 50 ms, 320/s.
+# bounds that). The shared rate limit is the database's; this bounds sockets and CPU. httpcore's
+# pool does work quadratic in its connections and queued requests for every request (one pool of
+# 64 connections with a few hundred searches queued behind a burst: ~7 ms of CPU per search,
+# cProfile of bench/providers.py), so the connections are spread over small pools (clients of
+# POOL_SIZE connections each), and a search first takes a free slot of one of them, waiting on an
+# asyncio queue, never in a pool. 16 at Exa's latency (0.2 to 1 s) is 16 to 80 searches/s per
+# process, above Exa's default 10 QPS; at the stand-in's 50 ms, up to 320/s.
 CONNECTIONS = 16
+POOL_SIZE = 4
 RETRYABLE_STATUS = frozenset({408})
 SNIPPET_CHARS = 300
 USER_AGENT = "enrich-orchestrator (exa_verify)"
@@ -207,24 +210,25 @@ def check_exa_config(config: Mapping[str, Any]) -> None:
     settings_from_config(config)
 
 
-# One client and one semaphore per event loop (its connections belong to the loop that opened
-# them), as for Clay.
-_clients: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Semaphore]
-] = weakref.WeakKeyDictionary()
+# Per event loop (connections belong to the loop that opened them), as for Clay: the free slots,
+# each naming the client it belongs to (POOL_SIZE slots per client).
+_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Queue[httpx.AsyncClient]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _client() -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+def _free_slots() -> asyncio.Queue[httpx.AsyncClient]:
     loop = asyncio.get_running_loop()
-    found = _clients.get(loop)
-    if found is None or found[0].is_closed:
-        limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
-        found = (
-            httpx.AsyncClient(limits=limits, follow_redirects=False),
-            asyncio.Semaphore(CONNECTIONS),
-        )
-        _clients[loop] = found
-    return found
+    slots = _slots.get(loop)
+    if slots is None:
+        slots = asyncio.Queue()
+        limits = httpx.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE)
+        for _ in range(max(1, CONNECTIONS // POOL_SIZE)):
+            client = httpx.AsyncClient(limits=limits, follow_redirects=False)
+            for _ in range(POOL_SIZE):
+                slots.put_nowait(client)
+        _slots[loop] = slots
+    return slots
 
 
 def search_body(settings: ExaSettings, query: str) -> dict[str, Any]:
@@ -269,10 +273,10 @@ async def _post(settings: ExaSettings, body: Mapping[str, Any]) -> httpx.Respons
     timeout = httpx.Timeout(settings.timeout, connect=CONNECT_TIMEOUT_SECONDS, pool=None)
     url = settings.base_url + SEARCH_PATH
     # Messages name the exception's type only; the key is in a header httpx never prints.
-    client, turn = _client()
+    slots = _free_slots()
+    client = await slots.get()
     try:
-        async with turn:
-            return await client.post(url, json=body, headers=headers, timeout=timeout)
+        return await client.post(url, json=body, headers=headers, timeout=timeout)
     except httpx.TimeoutException as exc:
         raise RetryableError(
             f"Exa did not answer within {settings.timeout:g}s ({type(exc).__name__})"
@@ -283,6 +287,8 @@ async def _post(settings: ExaSettings, body: Mapping[str, Any]) -> httpx.Respons
         ) from None
     except httpx.TransportError as exc:
         raise RetryableError(f"could not reach Exa ({type(exc).__name__})") from None
+    finally:
+        slots.put_nowait(client)
 
 
 def _check_status(response: httpx.Response, settings: ExaSettings) -> None:
