@@ -135,6 +135,23 @@ class ProviderCost(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class ResultCache(Base):
+    """Results of steps with ``config.cache``, per client and normalised inputs: a hit completes a
+    row without calling the provider (``settle_without_provider``)."""
+
+    __tablename__ = "result_cache"
+
+    client_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    step_name: Mapped[str] = mapped_column(Text, primary_key=True)
+    cache_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    key_values: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    result: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    source_batch_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    source_item_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class BatchItem(Base):
     __tablename__ = "batch_items"
 

@@ -42,7 +42,7 @@ def test_every_state_machine_table_has_a_model(dsn: str) -> None:
             ).fetchall()
         }
     core = {"batches", "batch_items", "workflow_states", "enrichment_registry"}
-    core |= {"providers", "provider_costs"}
+    core |= {"providers", "provider_costs", "result_cache"}
     assert set(Base.metadata.tables) == core | results_tables
 
 

@@ -27,6 +27,7 @@ from shared.settings import get_settings
 from shared.worker import run_chunk
 from tests.contract import batch_row, configure_step, fetch, fetch_one, states, tasks
 from tests.test_exa_verify import KEY, REPO, standin, stats
+from tests.test_rls import app_metadata_claims, as_role
 
 Conn = psycopg.AsyncConnection[Any]
 SEARCH_URL = f"{DEFAULT_BASE_URL}/search"
@@ -453,3 +454,21 @@ async def test_status_and_export_show_skipped_and_cached_rows(
     assert json.loads(rows["Dune Networks"]["exa_verify.cached_from"])["batch_id"] != str(batch_id)
     assert rows["Oak Networks"]["exa_verify.cached_from"] == ""  # paid for in this batch
     assert rows["Oak Networks"]["exa_verify.verified"] == "true"
+
+
+# Tenancy in the database -------------------------------------------------------------------------
+
+
+async def test_a_signed_in_client_reads_only_its_own_cache(api: PgStateAPI, conn: Conn) -> None:
+    exa = Exa()
+    await run(api, await api.create_batch(BLUEPRINT, ITEMS[:1], client_id=CLIENT_A), exa)
+    await run(api, await api.create_batch(BLUEPRINT, ITEMS[1:2], client_id=CLIENT_B), exa)
+    async with as_role(conn, "authenticated", app_metadata_claims(CLIENT_A)):
+        own = await fetch(conn, "select client_id, key_values from result_cache")
+    assert [(r["client_id"], r["key_values"]["name"]) for r in own] == [(CLIENT_A, "dune networks")]
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        async with as_role(conn, "anon", {"role": "anon"}):
+            await conn.execute("select * from result_cache")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        async with as_role(conn, "authenticated", app_metadata_claims(CLIENT_A)):
+            await conn.execute("delete from result_cache")
