@@ -93,24 +93,25 @@ as $$
 $$;
 
 -- What settling decides for each row, set-based (one statement for all the rows of a call, no
--- function per row: 5,000 rows in tens of milliseconds). p_rows: [{id, config, raw, inputs,
--- use_cache, and batch_id, item_id, step_name, client_id handed back as they came}], inputs
--- {step: result} of the steps the paths read.
+-- function per row: 5,000 rows in tens of milliseconds). p_rows: [{id, step_name, raw, inputs,
+-- use_cache, and batch_id, item_id, client_id handed back as they came}], inputs {step: result}
+-- of the steps the paths read; p_configs: {step_name: config}.
 --   skip: why the step is pointless for the item ("no normalize_domain.domain"), or null: every
 --         path of config.skip_unless that can be read is empty, and at least one can be;
 --   cache_key: hex sha-256 of the key's paths and normalised values, and key_values {path:
 --         value}; null when use_cache is false or the row cannot be cached (a path unreadable,
 --         or every value empty).
-create function public.settle_decide(p_rows jsonb)
+create function public.settle_decide(p_rows jsonb, p_configs jsonb)
 returns table (id bigint, batch_id uuid, item_id uuid, step_name text, client_id uuid,
                skip text, cache_key text, key_values jsonb)
 language sql stable
 rows 5000
 as $$
   with rows as materialized (
-    select * from jsonb_to_recordset(p_rows)
-      as r(id bigint, batch_id uuid, item_id uuid, step_name text, client_id uuid, config jsonb,
-           raw jsonb, inputs jsonb, use_cache boolean)
+    select r.*, p_configs -> r.step_name as config
+    from jsonb_to_recordset(p_rows)
+      as r(id bigint, batch_id uuid, item_id uuid, step_name text, client_id uuid, raw jsonb,
+           inputs jsonb, use_cache boolean)
   ), paths as (
     select r.id, 'skip' as kind, e.path, e.ord, r.raw, r.inputs
     from rows r
@@ -355,7 +356,7 @@ begin
   v_inputs := needed_results(v_rows);
   select jsonb_agg(jsonb_build_object(
            'id', r.id, 'batch_id', r.batch_id, 'item_id', r.item_id, 'client_id', r.client_id,
-           'config', v_config, 'raw', r.raw, 'use_cache', true,
+           'step_name', v_step, 'raw', r.raw, 'use_cache', true,
            'inputs', coalesce(v_inputs -> r.item_id::text, '{}'::jsonb)))
     into v_keys
   from jsonb_to_recordset(v_rows) r(id bigint, batch_id uuid, item_id uuid, client_id uuid, raw jsonb);
@@ -365,7 +366,7 @@ begin
   select distinct on (d.client_id, d.cache_key)
          d.client_id, v_step, d.cache_key, d.key_values, n.result, d.batch_id, d.item_id, now(),
          now() + make_interval(secs => (v_config -> 'cache' ->> 'ttl_seconds')::float8)
-  from settle_decide(v_keys) d
+  from settle_decide(v_keys, jsonb_build_object(v_step, v_config)) d
   join new_results n on n.batch_id = d.batch_id and n.item_id = d.item_id
   where d.cache_key is not null
   order by d.client_id, d.cache_key, d.item_id
@@ -411,15 +412,20 @@ language sql immutable as $$ select 5000 $$;
 -- filled: statistics lag behind, and the planner then prefers a sequential scan joined in a nested
 -- loop to a function's rows, each of the thousands of rows read thousands of times (5,000 cache
 -- hits took 13 s in complete_steps alone). Without sequential scans, each row is one index lookup.
--- And claim_steps, the caller, turns sorting off for its own walk, which would do the same.
+-- And claim_steps, the caller, turns sorting off for its own walk, which would do the same. JIT
+-- off: a disabled plan type adds 10^10 to the costs, which would JIT-compile every statement here
+-- (70 ms each, measured; the statements themselves take milliseconds).
 create or replace function public.settle_without_provider(p_step_names text[], p_batch_ids uuid[])
 returns integer
 language plpgsql
 set search_path = public, pg_temp
 set enable_sort = on
 set enable_seqscan = off
+set jit = off
 as $$
 declare
+  v_configs jsonb;
+  v_needs jsonb;
   v_rows jsonb;
   v_inputs jsonb;
   v_decide jsonb;
@@ -433,10 +439,16 @@ begin
     return 0;
   end if;
 
+  select jsonb_object_agg(r.step_name, r.config),
+         jsonb_object_agg(r.step_name, settle_needs(r.config))
+    into v_configs, v_needs
+  from enrichment_registry r
+  where r.config ? 'cache' or r.config ? 'skip_unless';
+
   -- The held rows this call looks at, locked (another claimer skips them).
   select coalesce(jsonb_agg(jsonb_build_object(
            'id', h.id, 'batch_id', h.batch_id, 'item_id', h.item_id, 'step_name', h.step_name,
-           'config', settle_needs(r.config))), '[]'::jsonb)
+           'config', v_needs -> h.step_name)), '[]'::jsonb)
     into v_rows
   from (
     select ws.id, ws.batch_id, ws.item_id, ws.step_name from workflow_states ws
@@ -446,8 +458,7 @@ begin
     order by ws.id
     limit settle_batch_size()
     for update of ws skip locked
-  ) h
-  join enrichment_registry r on r.step_name = h.step_name;
+  ) h;
   if v_rows = '[]'::jsonb then
     return 0;
   end if;
@@ -456,11 +467,10 @@ begin
   -- What each says: skipped (a reason), cached (an entry of its batch's client), or neither.
   select jsonb_agg(jsonb_build_object(
            'id', h.id, 'batch_id', h.batch_id, 'item_id', h.item_id, 'step_name', h.step_name,
-           'client_id', b.client_id, 'config', r.config, 'raw', bi.raw_data,
-           'use_cache', b.use_cache, 'inputs', coalesce(v_inputs -> h.item_id::text, '{}'::jsonb)))
+           'client_id', b.client_id, 'raw', bi.raw_data, 'use_cache', b.use_cache,
+           'inputs', coalesce(v_inputs -> h.item_id::text, '{}'::jsonb)))
     into v_decide
   from jsonb_to_recordset(v_rows) h(id bigint, batch_id uuid, item_id uuid, step_name text)
-  join enrichment_registry r on r.step_name = h.step_name
   join batches b on b.id = h.batch_id and b.cancelled_at is null
   join batch_items bi on bi.batch_id = h.batch_id and bi.id = h.item_id;
 
@@ -470,7 +480,7 @@ begin
                        'batch_id', c.source_batch_id, 'item_id', c.source_item_id,
                        'at', c.created_at) end)), '[]'::jsonb)
     into v_settled
-  from settle_decide(v_decide) d
+  from settle_decide(v_decide, v_configs) d
   -- One primary-key lookup per row, whatever the statistics say.
   left join lateral (
     select c.cache_key, c.source_batch_id, c.source_item_id, c.created_at from result_cache c
@@ -601,7 +611,7 @@ grant all on public.result_cache to service_role;
 revoke execute on function
   public.settle_paths(jsonb),
   public.settle_needs(jsonb),
-  public.settle_decide(jsonb),
+  public.settle_decide(jsonb, jsonb),
   public.registry_check_settle(),
   public.hold_for_settle(),
   public.sync_settling_steps(),
