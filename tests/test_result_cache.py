@@ -401,6 +401,8 @@ def test_running_the_same_csv_again_costs_no_call(
     assert stats(standin)["searches"] == paid  # zero calls
     enrich_run("--client-id", str(CLIENT_B))
     assert stats(standin)["searches"] == 2 * paid  # another client pays for its own
+    enrich_run("--no-cache")
+    assert stats(standin)["searches"] == 3 * paid  # fresh calls when asked
 
     with psycopg.connect(db) as conn:
         batches = conn.execute(
@@ -414,7 +416,7 @@ def test_running_the_same_csv_again_costs_no_call(
             " and a.result = b.result - 'cached_from'",
             (batches[0][0], batches[1][0]),
         ).fetchone()
-    assert [b[1] for b in batches] == [0, paid, 0]
+    assert [b[1] for b in batches] == [0, paid, 0, 0]
     assert same is not None and same[0] == paid  # the same results as the paid run
 
 
