@@ -439,6 +439,21 @@ begin
     return 0;
   end if;
 
+  if not exists (select 1 from workflow_states ws
+                 where ws.status = 'PENDING' and ws.run_after = '9999-01-01 00:00:00+00'::timestamptz
+                   and (p_step_names is null or ws.step_name = any (p_step_names))
+                   and (p_batch_ids is null or ws.batch_id = any (p_batch_ids))) then
+    return 0;
+  end if;
+  -- Locks in the order claim_steps and defer_steps take them (20261130001200): providers, then
+  -- rows, then batches (complete_steps rolls batches up). Settling runs first in a claim, so
+  -- without this it would take rows and batches before the claim takes its providers.
+  perform 1 from providers p
+  where p.name in (select r.config ->> 'provider' from enrichment_registry r
+                   where r.config ? 'cache' or r.config ? 'skip_unless')
+  order by p.name
+  for update;
+
   select jsonb_object_agg(r.step_name, r.config),
          jsonb_object_agg(r.step_name, settle_needs(r.config))
     into v_configs, v_needs
