@@ -119,3 +119,11 @@ async def step_async(tasks: list[dict[str, Any]]) -> dict[str, Any]:
 @app.function(**_options("clay_enrich"))
 async def clay_enrich(tasks: list[dict[str, Any]]) -> dict[str, Any]:
     return await run_async_step("clay_enrich", tasks)
+
+
+# EXA_API_KEY (and EXA_BASE_URL) come from the same secret, when deploy.sh had them: without the
+# key the registry marks exa_verify unavailable. Its rate limit is shared in the database
+# (providers), so any number of containers together stay under it.
+@app.function(**_options("exa_verify"))
+async def exa_verify(tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    return await run_function_chunk("exa_verify", tasks)

@@ -30,4 +30,5 @@ FUNCTION_SPECS: dict[str, FunctionSpec] = {
     "clean_company_name": FunctionSpec(timeout_seconds=60),
     "step_async": FunctionSpec(timeout_seconds=30, answered_by_callback=True),
     "clay_enrich": FunctionSpec(timeout_seconds=30, answered_by_callback=True),
+    "exa_verify": FunctionSpec(timeout_seconds=30),
 }
