@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 from rich.console import Console
 
 from shared.cli.main import main
-from shared.cli.progress import RateMeter, plain_line, render, usd_text
+from shared.cli.progress import RateMeter, plain_line, projection_text, render, usd_text
 from shared.settings import get_settings
 from shared.state_api import BatchProgress, CostSummary
 
@@ -165,6 +165,14 @@ def test_a_batch_without_paid_steps_shows_no_cost_line(db: str, csv_file: Path) 
 )
 def test_usd_text(amount: float, text: str) -> None:
     assert usd_text(amount) == text
+
+
+@pytest.mark.parametrize(
+    ("amount", "text"),
+    [(1.0074, "$1.01"), (0.007, "$0.007"), (1234.567, "$1,234.57"), (0, "$0.00")],
+)
+def test_a_projection_is_shown_in_cents(amount: float, text: str) -> None:
+    assert projection_text(amount) == text
 
 
 def test_the_live_display_shows_spend_budget_and_pause() -> None:

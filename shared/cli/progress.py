@@ -120,6 +120,12 @@ def usd_text(amount: float) -> str:
     return f"${whole}.{cents.ljust(2, '0')}"
 
 
+def projection_text(amount: float) -> str:
+    """A projection in whole cents (``$1.01``, not ``$1.0074``): its precision is an average's;
+    below a cent it keeps the fraction so a tiny remainder does not read as free."""
+    return usd_text(amount) if amount < 0.01 else f"${amount:,.2f}"
+
+
 def cost_line(progress: BatchProgress) -> Text | None:
     """What the batch's paid steps cost so far, its budget, a projection for the rest and why it
     is paused; None for a batch without paid steps, budget or spend."""
@@ -132,10 +138,8 @@ def cost_line(progress: BatchProgress) -> Text | None:
         f"{usd_text(cost.spent_usd)} spent{budget}",
     ]
     if cost.paid_rows_left:
-        parts.append(
-            f", ~{usd_text(cost.projected_rest_usd)} more for the {cost.paid_rows_left:,} paid "
-            "rows left"
-        )
+        projected = projection_text(cost.projected_rest_usd)
+        parts.append(f", ~{projected} more for the {cost.paid_rows_left:,} paid rows left")
     if cost.paused_reason:
         parts += ["  ", ("paused: ", "bold yellow"), (cost.paused_reason, "yellow")]
     return Text.assemble(*parts)
