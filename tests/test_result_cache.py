@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,9 @@ import psycopg
 import pytest
 import respx
 from click.testing import CliRunner
+from rich.console import Console
 
+from shared.cli.batch_commands import print_progress
 from shared.cli.main import main
 from shared.pg_state import PgStateAPI
 from shared.providers.exa import DEFAULT_BASE_URL
@@ -445,6 +448,13 @@ async def test_status_and_export_show_skipped_and_cached_rows(
     )
     table = (await enrich("status", str(batch_id))).stdout
     assert "SKIPPED" in table and "CACHED" in table
+    # all eight columns fit an 80-column terminal, nothing cut
+    terminal = Console(width=80, file=io.StringIO(), force_terminal=True, color_system=None)
+    print_progress(terminal, await api.batch_progress(batch_id))
+    shown_80 = terminal.file.getvalue()  # type: ignore[attr-defined]
+    assert "…" not in shown_80 and max(map(len, shown_80.splitlines())) <= 80
+    for word in ("normalize_domain", "IN_PROGRESS", "COMPLETED", "SKIPPED", "CACHED", "FAILED"):
+        assert word in shown_80.split()
 
     out = tmp_path / "out.csv"
     exported = await enrich("export", str(batch_id), "-o", str(out))

@@ -26,6 +26,7 @@ from uuid import UUID
 
 import click
 import psycopg
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -69,13 +70,16 @@ limit %(limit)s
 
 
 def _stderr() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return _uncut(Console(stderr=True, highlight=False, soft_wrap=True))
 
 
 def _stdout() -> Console:
-    console = Console(highlight=False)
+    return _uncut(Console(highlight=False))
+
+
+def _uncut(console: Console) -> Console:
     if not console.is_terminal:
-        console.width = 200  # piped or redirected: never truncate ids to 80 columns
+        console.width = 200  # piped or redirected: never truncate ids or tables to 80 columns
     return console
 
 
@@ -570,13 +574,16 @@ def print_progress(console: Console, progress: BatchProgress) -> None:
     spend = cost_line(progress)
     if spend is not None:
         console.print(spend)
-    table = Table(header_style="bold")
-    table.add_column("step")
+    # Without borders all eight columns fit an 80-column terminal with nothing cut; the step name
+    # is what the reader looks for, so it is the last thing that would be.
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, padding=0)
+    table.add_column("step", min_width=max(map(len, progress.steps), default=4), no_wrap=True)
     shown = progress_columns(progress)
     for s in shown:
         table.add_column(s, justify="right")
     for step in progress.steps:
         table.add_row(step, *(f"{progress_cell(progress, step, s):,}" for s in shown))
+    # A pipe or a CI log has no edge to fit: rich's 80 columns there would cut headers.
     console.print(table)
 
 
