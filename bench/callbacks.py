@@ -266,7 +266,10 @@ async def run(args: argparse.Namespace) -> None:
 
     print(f"machine: {os.cpu_count()} cores; receiver: {args.receiver}")
     print(f"batch {batch_id}: {progress.status}, {progress.items_completed}/{args.items} completed")
-    print(f"wall time {elapsed:.2f}s; {submitted} items submitted and answered by callback")
+    print(
+        f"wall time {elapsed:.2f}s; {submitted} items recorded as awaiting before their callback "
+        "came (the rest were answered before the submission was recorded)"
+    )
     if span:
         print(f"callbacks applied: {args.items / span:,.0f}/s over {span:.2f}s")
     print(f"callback received -> next step IN_PROGRESS: {_describe(from_received)}")
