@@ -10,8 +10,8 @@
 # Usage: ./deploy.sh [--apply]
 #
 # Run it from the project's virtualenv: `modal deploy` and `prefect deploy` import the project's code.
-# Needs the CLIs supabase (with `db query`, 2.x), modal, prefect and python3. The environment is
-# listed by `./deploy.sh --help`.
+# Needs the CLIs supabase (with `db query`, 2.x), modal, prefect and python3, and the environment
+# that `./deploy.sh --help` lists.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -67,7 +67,8 @@ readonly PROVIDER_STEPS=(
 
 usage() {
     local entry
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    # the header comment, however long it grows: every line up to the first that is not a comment
+    awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"
     echo
     echo "Required environment:"
     for entry in "${REQUIRED_VARS[@]}"; do printf '  %-32s %s\n' "${entry%%|*}" "${entry#*|}"; done
