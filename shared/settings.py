@@ -15,7 +15,8 @@ from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from uuid import UUID
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+import psycopg
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigurationError
@@ -24,6 +25,9 @@ NIL_UUID = UUID(int=0)
 MASK = "***"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+# Hosts a credential may reach over plain http: this machine only (dev stand-ins, tests).
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def default_enrich_home() -> Path:
@@ -47,6 +51,8 @@ class Settings(BaseSettings):
         populate_by_name=True,
         extra="ignore",
         frozen=True,
+        # A ValidationError would otherwise quote the raw input: a DATABASE_URL with its password.
+        hide_input_in_errors=True,
     )
 
     database_url: SecretStr | None = Field(
@@ -118,6 +124,23 @@ class Settings(BaseSettings):
         description="The project's service-role key (Modal secret enrichment-supabase).",
     )
 
+    @field_validator("database_url")
+    @classmethod
+    def _parsable_dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value():
+            check_dsn(value.get_secret_value(), "DATABASE_URL")
+        return value
+
+    @field_validator("supabase_url")
+    @classmethod
+    def _https_supabase_url(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                require_https(value, "SUPABASE_URL")
+            except ConfigurationError as exc:  # pydantic reports ValueErrors
+                raise ValueError(str(exc)) from None
+        return value
+
     @property
     def database_dsn(self) -> str | None:
         """The external database URL in clear text (for connecting only, never for printing)."""
@@ -130,14 +153,59 @@ class Settings(BaseSettings):
         return mask_dsn(dsn) if dsn is not None else None
 
 
-_KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# libpq's secret parameters: the password, and the passphrase of the client's SSL key.
+_SECRET_KEYS = frozenset({"password", "sslpassword"})
+_KV_PASSWORD = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# What libpq quotes in a parse error is a piece of the DSN, possibly of the password:
+# `invalid percent-encoded token: "s3cr%ZZet"`.
+_QUOTED = re.compile(r'"[^"]*"')
+
+
+def check_dsn(dsn: str, name: str) -> None:
+    """Raise ``ValueError`` unless libpq can parse ``dsn``; the message never quotes the DSN.
+
+    Parsed here, once, so a malformed URL stops at startup with a clean message instead of
+    reaching psycopg's pool, which logs libpq's error (quoting the bad token, often the password)
+    on every reconnect attempt.
+    """
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        reason = _QUOTED.sub('"***"', str(exc).strip().splitlines()[0] if str(exc) else "")
+        raise ValueError(
+            f"{name} is not a valid PostgreSQL connection string ({reason}); in a URL, "
+            "percent-encode special characters of the user and password (% as %25, @ as %40)"
+        ) from None
+
+
+def require_https(url: str, name: str) -> str:
+    """``url`` when it is https, or http to this machine (localhost, 127.0.0.1, ::1).
+
+    The URLs this guards carry credentials with every request (the service-role key, an API key,
+    a webhook URL that is itself a secret): over plain http they could be read on the way. The
+    ConfigurationError names the variable, never the value (it may be the credential).
+    """
+    try:
+        parts = urlsplit(url)
+        scheme, host = parts.scheme.lower(), parts.hostname
+    except ValueError:  # a malformed IPv6 host, say
+        scheme, host = "", None
+    if not host or scheme not in ("https", "http"):
+        raise ConfigurationError(f"{name} is not an http(s) URL")
+    if scheme == "http" and host not in LOCAL_HOSTS:
+        raise ConfigurationError(
+            f"{name} must be an https:// URL: plain http:// is accepted only for localhost, "
+            "127.0.0.1 and ::1 (the credentials sent with each request would cross the network "
+            "unencrypted)"
+        )
+    return url
 
 
 def mask_dsn(dsn: str) -> str:
-    """Return ``dsn`` with any password replaced by ``***``.
+    """Return ``dsn`` with any password (and ``sslpassword``) replaced by ``***``.
 
     Handles URIs (``postgresql://user:secret@host/db?password=...``) and libpq key/value strings
-    (``host=... password=secret``).
+    (``host=... password=secret sslpassword=...``).
     """
     if "://" not in dsn:
         return _KV_PASSWORD.sub(lambda m: m.group(1) + MASK, dsn)
@@ -151,8 +219,8 @@ def mask_dsn(dsn: str) -> str:
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k.lower() == "password" for k, _ in pairs):
-            masked = [(k, MASK if k.lower() == "password" else v) for k, v in pairs]
+        if any(k.lower() in _SECRET_KEYS for k, _ in pairs):
+            masked = [(k, MASK if k.lower() in _SECRET_KEYS else v) for k, v in pairs]
             query = urlencode(masked, safe="/*")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 

@@ -46,6 +46,7 @@ from shared.pg_state import (
     progress_from_json,
     rollback_pause,
 )
+from shared.settings import require_https
 from shared.state_api import (
     BatchProgress,
     BudgetState,
@@ -79,6 +80,21 @@ _last_status: ContextVar[int | None] = ContextVar("enrich_supabase_last_status",
 
 async def _record_status(response: httpx.Response) -> None:
     _last_status.set(response.status_code)
+
+
+async def _refuse_redirect(response: httpx.Response) -> None:
+    """A 30x is an error, never followed: httpx drops ``Authorization`` on a redirect to another
+    origin but forwards every other header, so ``apikey`` (the service-role key itself) would
+    reach whatever host the ``Location`` names (httpx ``_redirect_headers``). PostgREST and the
+    Supabase gateway answer RPCs directly; a redirect means a wrong SUPABASE_URL or a proxy."""
+    if response.is_redirect:
+        target = httpx.URL(response.headers.get("location", ""))
+        where = f" to {target.scheme}://{target.host}" if target.host else ""
+        raise ConfigurationError(
+            f"Supabase answered HTTP {response.status_code} redirecting{where}: redirects are "
+            "not followed, the service-role key would travel with them (is SUPABASE_URL the "
+            "project's own https://<ref>.supabase.co URL?)"
+        )
 
 
 def _is_sqlstate(code: str) -> bool:
@@ -172,14 +188,15 @@ class SupabaseStateAPI:
         stay off (they only ever retry GETs, and every call here is a POST): retrying is the
         caller's decision, on ``RetryableError``.
         """
+        require_https(url, "SUPABASE_URL")
         # Our own httpx client (supabase-py then ignores postgrest_client_timeout): it carries the
-        # timeout, the status hook and HTTP/1.1.
+        # timeout, the status hook, HTTP/1.1, and no redirects (see _refuse_redirect).
         http = httpx.AsyncClient(
             timeout=timeout,
             limits=httpx.Limits(max_connections=max_connections),
-            follow_redirects=True,
+            follow_redirects=False,
             http2=False,
-            event_hooks={"response": [_record_status]},
+            event_hooks={"response": [_refuse_redirect, _record_status]},
         )
         options = AsyncClientOptions(
             httpx_client=http,

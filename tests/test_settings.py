@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import traceback
 from pathlib import Path
 from uuid import UUID
 
@@ -11,6 +14,10 @@ from click.testing import CliRunner
 from shared.cli.main import main
 from shared.errors import ConfigurationError
 from shared.settings import NIL_UUID, Settings, get_settings, mask_dsn
+from shared.state_factory import open_state_api
+
+# libpq's parse error quotes the bad token: here, the password.
+MALFORMED = "postgresql://enrich:s3cr%ZZet@127.0.0.1:1/enrich"
 
 
 @pytest.mark.parametrize(
@@ -27,6 +34,16 @@ from shared.settings import NIL_UUID, Settings, get_settings, mask_dsn
         ),
         ("host=h user=u password=hunter2 dbname=d", "host=h user=u password=*** dbname=d"),
         ("host=h password='a b\\' c' dbname=d", "host=h password=*** dbname=d"),
+        # sslpassword: the passphrase of the client's SSL key (libpq connection parameters).
+        (
+            "postgresql://u@h/db?sslmode=verify-full&sslpassword=k3y-pass",
+            "postgresql://u@h/db?sslmode=verify-full&sslpassword=***",
+        ),
+        (
+            "host=h sslkey=/k.pem sslpassword=k3y-pass password=hunter2",
+            "host=h sslkey=/k.pem sslpassword=*** password=***",
+        ),
+        ("host=h SSLPASSWORD = 'k3y pass' dbname=d", "host=h SSLPASSWORD = *** dbname=d"),
     ],
 )
 def test_mask_dsn(dsn: str, masked: str) -> None:
@@ -79,3 +96,33 @@ def test_a_bad_setting_is_one_line_naming_the_variable_never_the_value(
     assert result.exit_code == 2
     assert "bad setting: ENRICH_DB_OUTAGE_SECONDS" in result.stderr
     assert "s3cr3t" not in result.output and "Traceback" not in result.output
+
+
+async def test_a_malformed_database_url_never_shows_its_password(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the URL reached psycopg's pool, which logged `invalid percent-encoded token:
+    "s3cr%ZZet"` on every reconnect, and the caller waited for a pool that never filled."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("DATABASE_URL", MALFORMED)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigurationError, match="bad setting: DATABASE_URL") as raised:
+            await asyncio.wait_for(open_state_api(), timeout=10)
+        result = CliRunner().invoke(main, ["batch", "list"])
+    finally:
+        monkeypatch.delenv("DATABASE_URL")
+        get_settings.cache_clear()
+    error = raised.value
+    shown = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    assert "percent-encode" in shown  # says how to fix it
+    assert result.exit_code == 2 and "bad setting: DATABASE_URL" in result.stderr
+    for text in (shown, repr(error), caplog.text, result.output):
+        assert "s3cr" not in text
+
+
+def test_settings_built_in_code_never_quote_a_bad_database_url() -> None:
+    with pytest.raises(ValueError) as raised:
+        Settings(database_url=MALFORMED)
+    assert "DATABASE_URL is not a valid PostgreSQL connection string" in str(raised.value)
+    assert "s3cr" not in str(raised.value)

@@ -98,7 +98,7 @@ async def test_repr_never_shows_the_key(api: SupabaseStateAPI) -> None:
 @pytest.mark.parametrize(
     ("url", "key", "message"),
     [
-        ("ftp://abc.supabase.co", KEY, "Invalid URL"),
+        ("ftp://abc.supabase.co", KEY, r"SUPABASE_URL is not an http\(s\) URL"),
         (SUPABASE_URL, SecretStr(""), "supabase_key is required"),
     ],
 )
@@ -108,6 +108,57 @@ async def test_a_bad_url_or_key_is_a_configuration_error(
     with pytest.raises(ConfigurationError, match=message) as caught:
         await SupabaseStateAPI.open(url, key)
     assert_no_key(full_text(caught.value))
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_refused_and_the_key_never_leaves_the_origin(
+    api: SupabaseStateAPI, status: int
+) -> None:
+    """httpx drops Authorization on a cross-origin redirect but forwards ``apikey``: following
+    one would hand the service-role key to whichever host the Location names."""
+    with respx.mock:
+        respx.post(f"{RPC}/claim_steps").mock(
+            return_value=httpx.Response(status, headers={"Location": "https://evil.example/x"})
+        )
+        elsewhere = respx.route(host="evil.example").mock(return_value=httpx.Response(200))
+        with pytest.raises(ConfigurationError, match=f"HTTP {status} redirecting") as caught:
+            await api.claim(10)
+    assert not elsewhere.called
+    assert "evil.example" in str(caught.value) and "SUPABASE_URL" in str(caught.value)
+    assert_no_key(full_text(caught.value))
+
+
+@pytest.mark.parametrize(
+    "url", ["http://abcdefghijklmnopqrst.supabase.co", "http://10.0.0.5:8000", "http://[fe80::1]"]
+)
+async def test_plain_http_to_another_host_is_refused(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"SUPABASE_URL must be an https:// URL"):
+        await SupabaseStateAPI.open(url, KEY)
+    # The settings refuse it too, before anything is opened (a one-line error naming the variable).
+    monkeypatch.setenv("SUPABASE_URL", url)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigurationError, match=r"bad setting: SUPABASE_URL: .*https://"):
+            get_settings()
+    finally:
+        monkeypatch.delenv("SUPABASE_URL")
+        get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "url", ["http://localhost:54321", "http://127.0.0.1:54321", "http://[::1]:54321"]
+)
+async def test_plain_http_to_this_machine_is_allowed(url: str) -> None:
+    """The local Supabase stack (supabase start) answers on http://127.0.0.1:54321."""
+    assert Settings(supabase_url=url).supabase_url == url
+    async with await SupabaseStateAPI.open(url, KEY) as api:
+        with respx.mock:
+            respx.post(f"{url}/rest/v1/rpc/cancel_batch").mock(
+                return_value=httpx.Response(200, json=3)
+            )
+            assert await api.cancel_batch(uuid.uuid4()) == 3
 
 
 async def test_errors_and_logs_never_show_the_key(
