@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from shared.db import embedded
 from shared.db.embedded import MAX_SOCKET_PATH, EmbeddedPostgres, find_bin_dir
@@ -162,3 +163,86 @@ def test_root_home_not_traversable() -> None:
             _cluster(home / "inner").start()
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+# Who may connect, and which directories the cluster takes (issue 9, item 10) ----------------------
+
+
+def _connects_as(dsn: str, role: str) -> bool:
+    try:
+        with psycopg.connect(make_conninfo(dsn, user=role), connect_timeout=5):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def test_only_the_operator_connects_and_only_as_postgres(short_home: Path) -> None:
+    cluster = _cluster(short_home)
+    dsn = cluster.start()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("create role mallory login")
+        rules = conn.execute(
+            "select type, database, user_name, address, auth_method, options"
+            " from pg_hba_file_rules order by line_number"
+        ).fetchall()
+    # Peer for the socket, through the ident map; every TCP line rejects; no trust anywhere.
+    assert rules == [
+        ("local", ["all"], ["postgres"], None, "peer", ["map=enrich"]),
+        ("host", ["all"], ["all"], "all", "reject", None),
+    ]
+    ident = (short_home / "pg" / "data" / "pg_ident.conf").read_text()
+    operator = "root postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+    mapped = [line.split()[1] for line in ident.splitlines() if line.startswith("enrich ")]
+    assert mapped == operator.split()
+    # Any login role could connect under trust; now only postgres can, and only for us.
+    assert _connects_as(dsn, "postgres")
+    assert not _connects_as(dsn, "mallory")
+
+
+def test_a_cluster_made_with_trust_is_tightened_at_the_next_start(short_home: Path) -> None:
+    cluster = _cluster(short_home)
+    dsn = cluster.start()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("create role mallory login")
+    # What earlier versions wrote (initdb --auth=trust), picked up by the running server.
+    hba = short_home / "pg" / "data" / "pg_hba.conf"
+    hba.write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("select pg_reload_conf()")
+    wait_for(lambda: _connects_as(dsn, "mallory"))
+
+    assert cluster.start() == dsn  # running: the files are rewritten and the server reloads
+    wait_for(lambda: not _connects_as(dsn, "mallory"))
+    assert _connects_as(dsn, "postgres")
+    assert "trust" not in hba.read_text()
+
+
+def test_a_symlinked_cluster_directory_is_refused_and_its_target_untouched(
+    short_home: Path,
+) -> None:
+    target = short_home / "elsewhere"
+    target.mkdir(mode=0o755)
+    target.chmod(0o755)
+    before = target.stat()
+    (short_home / "pg").symlink_to(target)
+    with pytest.raises(EmbeddedPostgresError, match="is a symlink"):
+        _cluster(short_home).start()
+    after = target.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (
+        before.st_uid,
+        before.st_gid,
+        before.st_mode,
+    )
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a directory of another user needs root")
+def test_a_cluster_directory_of_another_user_is_refused(short_home: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    foreign = short_home / "pg"
+    foreign.mkdir(mode=0o755)
+    os.chown(foreign, nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(EmbeddedPostgresError, match="belongs to `nobody`"):
+        _cluster(short_home).start()
+    st = foreign.stat()
+    assert st.st_uid == nobody.pw_uid and st.st_mode & 0o777 == 0o755

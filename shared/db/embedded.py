@@ -1,9 +1,15 @@
 """The embedded default: a private PostgreSQL cluster under ``<enrich_home>/pg``.
 
-It uses the machine's PostgreSQL server binaries, listens on a unix socket only (no TCP port to
-collide with or expose), and trusts local connections: the socket directory is private (mode 0700)
-to the user that owns the cluster. PostgreSQL refuses to run as root, so as root the cluster belongs
-to the ``postgres`` OS user and every server command runs through ``runuser -u postgres --``.
+It uses the machine's PostgreSQL server binaries and listens on a unix socket only (no TCP port to
+collide with or expose). Who may connect is decided twice: the socket directory is private (mode
+0700) to the user that owns the cluster, and ``pg_hba.conf`` (rewritten at every start, see
+``auth_files``) admits only socket connections whose peer is the operator (the user running
+``enrich``; as root, root and the ``postgres`` OS user), mapped to the ``postgres`` database role,
+and rejects every TCP line, so a later ``listen_addresses`` change cannot open it to the network.
+PostgreSQL refuses to run as root, so as root the cluster belongs to the ``postgres`` OS user and
+every server command runs through ``runuser -u postgres --``. The cluster's directories are never
+followed through a symlink nor taken over from another user: the first would hand an arbitrary
+directory to ``postgres`` (chown, chmod 0700), the second a directory someone else controls.
 
 Starting is idempotent and safe when several processes start it at once (an ``fcntl`` lock).
 
@@ -62,6 +68,9 @@ fsync = on
 log_min_messages = warning
 log_line_prefix = '%m [%p] '
 """
+
+# The ident map of pg_hba.conf's peer line: these OS users may connect as the `postgres` role.
+IDENT_MAP = "enrich"
 
 
 @dataclass(frozen=True)
@@ -193,6 +202,7 @@ class EmbeddedPostgres:
             self._prepare_dirs(owner)
             if not self._initialized():
                 self._initdb()
+            auth_changed = self._write_auth_files(owner)
             if not self._is_running():
                 self._pg_ctl_start()
             elif problem is not None:
@@ -205,6 +215,9 @@ class EmbeddedPostgres:
                 self._pg_ctl_stop()
                 self._pg_ctl_start()
                 self.restarted_because = problem
+            elif auth_changed:
+                # A cluster made by an older version (trust everywhere) is tightened in place.
+                self._pg_ctl_reload()
             self._create_database()
         return self.dsn
 
@@ -259,7 +272,13 @@ class EmbeddedPostgres:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # O_NOFOLLOW: a planted symlink must not make us create or lock another file.
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise EmbeddedPostgresError(
+                f"cannot open the lock file {self.lock_file}: {exc}"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -280,10 +299,9 @@ class EmbeddedPostgres:
 
     def _prepare_dirs(self, owner: pwd.struct_passwd | None) -> None:
         for d in (self.cluster_dir, self.socket_dir):
-            d.mkdir(mode=0o700, exist_ok=True)
-            if owner is not None:
-                os.chown(d, owner.pw_uid, owner.pw_gid)
-            os.chmod(d, 0o700)
+            with contextlib.suppress(FileExistsError):
+                d.mkdir(mode=0o700)
+            _take_private_dir(d, owner)
         if owner is not None:
             probe = subprocess.run(
                 ["runuser", "-u", owner.pw_name, "--", "test", "-w", str(self.cluster_dir)],
@@ -333,7 +351,10 @@ class EmbeddedPostgres:
                 str(self.data_dir),
                 "-U",
                 SUPERUSER,
-                "--auth=trust",
+                # Replaced at once by _write_auth_files (an ident map needs its own line), but
+                # never trust in between.
+                "--auth-local=peer",
+                "--auth-host=reject",
                 "-E",
                 "UTF8",
                 "--locale=C",
@@ -346,6 +367,21 @@ class EmbeddedPostgres:
         conf = SERVER_CONFIG.format(socket_dir=self.socket_dir, port=PORT)
         with (self.data_dir / "postgresql.conf").open("a") as fh:
             fh.write(conf)
+
+    def _write_auth_files(self, owner: pwd.struct_passwd | None) -> bool:
+        """Write ``pg_hba.conf`` and ``pg_ident.conf`` (see ``auth_files``); whether either
+        changed (then a running server must reload them)."""
+        changed = False
+        for name, text in auth_files(_operators(owner)).items():
+            path = self.data_dir / name
+            try:
+                if path.read_text() == text:
+                    continue
+            except OSError:
+                pass
+            _write_private_file(path, text, owner)
+            changed = True
+        return changed
 
     def _initialized(self) -> bool:
         return (self.data_dir / "PG_VERSION").is_file()
@@ -391,6 +427,13 @@ class EmbeddedPostgres:
         if result.returncode != 0:
             raise EmbeddedPostgresError(
                 f"pg_ctl stop failed ({result.returncode}): {result.stderr.strip()}"
+            )
+
+    def _pg_ctl_reload(self) -> None:
+        result = self._run_pg([str(self.bin_dir / "pg_ctl"), "reload", "-D", str(self.data_dir)])
+        if result.returncode != 0:
+            raise EmbeddedPostgresError(
+                f"pg_ctl reload failed ({result.returncode}): {result.stderr.strip()}"
             )
 
     def _is_running(self) -> bool:
@@ -459,3 +502,99 @@ class EmbeddedPostgres:
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip().removeprefix("postgres (PostgreSQL) ") or None
+
+
+# Files and directories of the cluster ----------------------------------------------------------
+
+
+def _take_private_dir(path: Path, owner: pwd.struct_passwd | None) -> None:
+    """Make ``path`` a directory private to the cluster's owner (0700), refusing a symlink or a
+    directory of another user. Done on a descriptor opened with O_NOFOLLOW, so a symlink swapped
+    in after a check cannot redirect the chown and chmod."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if path.is_symlink():
+            raise EmbeddedPostgresError(
+                f"{path} is a symlink (to {os.readlink(path)}): the private cluster's directories "
+                "must be real directories; remove the link or set ENRICH_HOME elsewhere"
+            ) from None
+        raise EmbeddedPostgresError(f"cannot use {path}: {exc.strerror or exc}") from exc
+    try:
+        found = os.fstat(fd).st_uid
+        # Ours: made by this user, or (as root) already handed to the cluster's owner.
+        allowed = {os.geteuid()} | ({owner.pw_uid} if owner is not None else set())
+        if found not in allowed:
+            raise EmbeddedPostgresError(
+                f"{path} belongs to {_user_name(found)}, not to "
+                f"{' or '.join(sorted(_user_name(u) for u in allowed))}: refusing to take over "
+                "another user's directory; remove it or set ENRICH_HOME elsewhere"
+            )
+        if owner is not None:
+            os.fchown(fd, owner.pw_uid, owner.pw_gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def _write_private_file(path: Path, text: str, owner: pwd.struct_passwd | None) -> None:
+    """Replace ``path`` atomically with ``text``, mode 0600, owned by the cluster's owner."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        if owner is not None:
+            os.fchown(fd, owner.pw_uid, owner.pw_gid)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"`{pwd.getpwuid(uid).pw_name}`"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _operators(owner: pwd.struct_passwd | None) -> list[str] | None:
+    """The OS users that may connect as the ``postgres`` role: the user running the cluster (and,
+    as root, root itself); None when this uid has no name (a container's bare ``-u 1234``), where
+    peer authentication cannot work."""
+    if owner is not None:
+        return ["root", owner.pw_name]
+    try:
+        return [pwd.getpwuid(os.geteuid()).pw_name]
+    except KeyError:
+        return None
+
+
+def auth_files(operators: Sequence[str] | None) -> dict[str, str]:
+    """``pg_hba.conf`` and ``pg_ident.conf`` of the private cluster.
+
+    Socket connections are checked with ``peer`` (the kernel's SO_PEERCRED, not a claim of the
+    client's) through an ident map allowing only ``operators`` to log in, and only as the
+    ``postgres`` role; any other role or OS user is refused. Every TCP connection is rejected
+    (the server listens on none; this keeps it so if ``listen_addresses`` is ever set). With no
+    operator name (``None``) peer cannot identify anyone, so the socket falls back to ``trust``:
+    still reachable only by the owner and root, through the 0700 socket directory.
+    """
+    header = (
+        "# Written by enrich (shared/db/embedded.py) at every start of the private cluster:\n"
+        "# edits here are replaced.\n"
+    )
+    if operators is None:
+        local = "local all all trust\n"
+        ident = ""
+    else:
+        local = f"local all {SUPERUSER} peer map={IDENT_MAP}\n"
+        ident = "".join(f"{IDENT_MAP} {_conf_word(u)} {SUPERUSER}\n" for u in operators)
+    hba = f"{header}# TYPE DATABASE USER ADDRESS METHOD\n{local}host all all all reject\n"
+    return {"pg_hba.conf": hba, "pg_ident.conf": f"{header}{ident}"}
+
+
+def _conf_word(word: str) -> str:
+    """A word of a PostgreSQL auth file, double-quoted unless plain."""
+    if re.fullmatch(r"[A-Za-z0-9_.@-]+", word):
+        return word
+    return '"' + word.replace('"', '""') + '"'
