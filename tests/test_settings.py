@@ -6,6 +6,7 @@ import asyncio
 import logging
 import traceback
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -13,6 +14,8 @@ from click.testing import CliRunner
 
 from shared.cli.main import main
 from shared.errors import ConfigurationError
+from shared.providers.clay import check_clay_config
+from shared.providers.exa import check_exa_config
 from shared.settings import NIL_UUID, Settings, get_settings, mask_dsn
 from shared.state_factory import open_state_api
 
@@ -126,3 +129,25 @@ def test_settings_built_in_code_never_quote_a_bad_database_url() -> None:
         Settings(database_url=MALFORMED)
     assert "DATABASE_URL is not a valid PostgreSQL connection string" in str(raised.value)
     assert "s3cr" not in str(raised.value)
+
+
+# Every client that sends a credential: https, or plain http to this machine only ------------------
+
+SECRET_PATH = "/v3/sources/webhook/pull-in-data-from-a-webhook-5ecret1d"
+
+
+@pytest.mark.parametrize(
+    ("variable", "check"),
+    [("CLAY_WEBHOOK_URL", check_clay_config), ("EXA_BASE_URL", check_exa_config)],
+)
+def test_provider_urls_refuse_plain_http_to_another_host(
+    variable: str, check: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EXA_API_KEY", "exa-key-0123456789")
+    for local in ("http://127.0.0.1:8788", "http://localhost:8788", "http://[::1]:8788"):
+        monkeypatch.setenv(variable, local + SECRET_PATH)
+        check({})
+    monkeypatch.setenv(variable, "http://api.clay.com" + SECRET_PATH)
+    with pytest.raises(ConfigurationError, match=f"{variable} must be an https:// URL") as raised:
+        check({})
+    assert "5ecret1d" not in str(raised.value)  # the URL itself may be the credential

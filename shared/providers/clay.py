@@ -53,6 +53,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from shared.errors import ConfigurationError, RetryableError, TerminalError
+from shared.settings import require_https
 
 DEFAULT_URL_ENV = "CLAY_WEBHOOK_URL"
 DEFAULT_TOKEN_ENV = "CLAY_WEBHOOK_TOKEN"
@@ -118,7 +119,8 @@ def _webhook_url(name: str) -> str:
         valid = False
     if not valid:  # never the value: the URL is a credential
         raise ConfigurationError(f"the environment variable {name} does not hold an http(s) URL")
-    return url
+    # The URL is the credential (and the token rides with it): https, or http to this machine.
+    return require_https(url, f"the environment variable {name}")
 
 
 def _token(name: str, required: bool) -> str | None:

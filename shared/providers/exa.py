@@ -65,6 +65,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from shared.errors import ConfigurationError, RateLimited, RetryableError, TerminalError
+from shared.settings import require_https
 from shared.state_api import Cost
 
 PROVIDER = "exa"
@@ -175,7 +176,8 @@ def _base_url(name: str) -> str:
         valid = False
     if not valid:
         raise ConfigurationError(f"the environment variable {name} does not hold an http(s) URL")
-    return url.rstrip("/")
+    # The API key rides in a header of every request: https, or http to this machine (stand-in).
+    return require_https(url, f"the environment variable {name}").rstrip("/")
 
 
 def settings_from_config(config: Mapping[str, Any]) -> ExaSettings:
