@@ -54,6 +54,26 @@ class Submitted:
 
 StepHandler = Callable[[Mapping[str, Any], StepContext], Awaitable[dict[str, Any] | Submitted]]
 
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    """What a step reads from an item, declared so that an import can refuse a file none of whose
+    columns feeds the step (every item would fail) before anything is written.
+
+    The step is fed when the item has any of ``fields`` (raw_data keys, compared as
+    ``field_value`` compares them) or when any of ``steps`` (earlier steps whose results it reads
+    through ``config.needs``) runs before it in the blueprint. ``what`` says it in the user's
+    words: "a website, domain or email column".
+    """
+
+    what: str
+    fields: tuple[str, ...]
+    steps: tuple[str, ...] = ()
+
+
+# A step's registry config -> what it reads. Steps without a declaration read nothing.
+InputsOf = Callable[[Mapping[str, Any]], StepInputs]
+
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
 
 
@@ -93,6 +113,14 @@ def config_fields(config: Mapping[str, Any], key: str, default: Sequence[str]) -
             f"config.{key} must be a non-empty list of field names, got {value!r}"
         )
     return tuple(item.strip() for item in value)
+
+
+def needed_steps(config: Mapping[str, Any], readable: Sequence[str]) -> tuple[str, ...]:
+    """Those of ``readable`` (the earlier steps a handler knows how to read) that the step's
+    ``config.needs`` names: only their results reach the handler as ``ctx.inputs``."""
+    needs = config.get("needs")
+    names = needs if isinstance(needs, list) else []
+    return tuple(step for step in readable if step in names)
 
 
 def config_flag(config: Mapping[str, Any], key: str, default: bool = False) -> bool:

@@ -47,12 +47,15 @@ from shared.providers.clay import send_row
 from shared.state_api import StepFailure, StepResult, TaskRef
 from shared.steps.base import (
     StepContext,
+    StepInputs,
     Submitted,
     config_flag,
     field_value,
+    needed_steps,
     normalize_key,
     present_keys,
 )
+from shared.steps.domains import DEFAULT_SOURCE_FIELDS as DOMAIN_FIELDS
 from shared.steps.domains import find_domain
 from shared.steps.names import DEFAULT_SOURCE_FIELDS as NAME_FIELDS
 
@@ -84,6 +87,16 @@ async def clay_enrich(raw: Mapping[str, Any], ctx: StepContext) -> Submitted:
         )
     _require_reachable(ctx.callback_url, ctx.config)
     return Submitted(await send_row(ctx.config, clay_row(raw, ctx, ctx.callback_url)))
+
+
+def inputs(config: Mapping[str, Any]) -> StepInputs:
+    """Any of a name, a domain or a LinkedIn URL is something to enrich (``clay_row``); the name
+    and domain may come from the earlier steps the config needs."""
+    return StepInputs(
+        "a company name, website, domain, email or LinkedIn column",
+        (*NAME_FIELDS, *DOMAIN_FIELDS, *LINKEDIN_FIELDS),
+        needed_steps(config, ("clean_company_name", "normalize_domain")),
+    )
 
 
 def clay_row(raw: Mapping[str, Any], ctx: StepContext, callback_url: str) -> dict[str, Any]:

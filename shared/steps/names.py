@@ -28,6 +28,7 @@ from typing import Any
 from shared.errors import TerminalError
 from shared.steps.base import (
     StepContext,
+    StepInputs,
     config_fields,
     config_flag,
     field_value,
@@ -355,6 +356,13 @@ def find_name(raw: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, An
         raise TerminalError("no usable company name: " + "; ".join(skipped))
     raise TerminalError(
         f"no company name: no value in any of {', '.join(fields)} ({present_keys(raw)})"
+    )
+
+
+def inputs(config: Mapping[str, Any]) -> StepInputs:
+    """The fields ``find_name`` tries: ``config.source_fields`` or the defaults."""
+    return StepInputs(
+        "a company name column", config_fields(config, "source_fields", DEFAULT_SOURCE_FIELDS)
     )
 
 
