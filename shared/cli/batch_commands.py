@@ -37,7 +37,14 @@ from shared.cli.progress import columns as progress_columns
 from shared.cli.progress import cost_line, usd_text
 from shared.db.connect import resolve_dsn
 from shared.errors import ConfigurationError, EnrichError, InvalidInput, NotFound
-from shared.importer import DELIMITER_NAMES, ImportProgress, ImportReport, import_csv
+from shared.importer import (
+    DELIMITER_NAMES,
+    STDIN,
+    ImportProgress,
+    ImportReport,
+    display_name,
+    import_csv,
+)
 from shared.pg_state import PgStateAPI, translate_db_error
 from shared.settings import get_settings
 from shared.state_api import BatchProgress, BudgetState
@@ -149,6 +156,47 @@ no_cache_option = click.option(
     is_flag=True,
     help="Call paid providers even for inputs the result cache has an answer for.",
 )
+# The CSV file to import; "-" reads it from standard input.
+csv_file_argument = click.argument(
+    "file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path)
+)
+delimiter_option = click.option(
+    "--delimiter",
+    type=click.Choice(["comma", "semicolon", "tab", "pipe"]),
+    help="Field separator (default: sniffed from the file).",
+)
+no_header_option = click.option(
+    "--no-header",
+    is_flag=True,
+    help="The file has no header row: its first line is a company. Name the columns with "
+    "--columns.",
+)
+columns_option = click.option(
+    "--columns",
+    metavar="NAME[,NAME...]",
+    help="With --no-header: the columns' names, in order (e.g. name,website).",
+)
+
+
+def import_source(
+    file: Path, delimiter: str | None, no_header: bool, columns: str | None
+) -> tuple[str | None, str | None]:
+    """The checked --delimiter character and --columns of an import, or a usage error."""
+    if no_header and not columns:
+        raise click.UsageError(
+            "--no-header needs --columns to name the columns, in order (e.g. name,website)"
+        )
+    if columns and not no_header:
+        raise click.UsageError(
+            "--columns names the columns of a file without a header row: add --no-header"
+        )
+    if str(file) == STDIN and sys.stdin.isatty():
+        raise click.UsageError(
+            "'-' reads the CSV from standard input, and nothing is piped in: "
+            "e.g. cat companies.csv | enrich batch create - --steps ..."
+        )
+    sep = {v: k for k, v in DELIMITER_NAMES.items()}.get(delimiter) if delimiter else None
+    return sep, columns
 
 
 @click.group("batch")
@@ -157,7 +205,7 @@ def batch() -> None:
 
 
 @batch.command("create")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@csv_file_argument
 @click.option(
     "--steps",
     required=True,
@@ -171,11 +219,9 @@ def batch() -> None:
     is_flag=True,
     help="Import the valid rows and report malformed ones (default: refuse the whole file).",
 )
-@click.option(
-    "--delimiter",
-    type=click.Choice(["comma", "semicolon", "tab", "pipe"]),
-    help="Field separator (default: sniffed from the file).",
-)
+@delimiter_option
+@no_header_option
+@columns_option
 @budget_option
 @no_cache_option
 def batch_create(
@@ -185,16 +231,19 @@ def batch_create(
     name: str | None,
     skip_invalid: bool,
     delimiter: str | None,
+    no_header: bool,
+    columns: str | None,
     budget_usd: float | None,
     no_cache: bool,
 ) -> None:
-    """Create a batch from FILE.csv: one item per row, each starting the blueprint.
+    """Create a batch from FILE.csv (- reads standard input): one item per row, each starting
+    the blueprint.
 
     Prints the batch id on stdout (alone on the last line); the header mapping, warnings and
     skipped rows go to stderr. Nothing is written when the file or the steps are refused.
     """
     err = _stderr()
-    sep = {v: k for k, v in DELIMITER_NAMES.items()}.get(delimiter) if delimiter else None
+    sep, columns = import_source(file, delimiter, no_header, columns)
     owner = client_id if client_id is not None else get_settings().client_id
 
     async def go() -> ImportReport:
@@ -204,11 +253,12 @@ def batch_create(
             file,
             steps,
             client_id=owner,
-            name=name or file.name,
+            name=name or display_name(file),
             skip_invalid=skip_invalid,
             delimiter=sep,
             budget_usd=budget_usd,
             use_cache=not no_cache,
+            columns=columns,
         )
 
     report = _run(go)
@@ -228,13 +278,14 @@ async def import_with_progress(
     delimiter: str | None = None,
     budget_usd: float | None = None,
     use_cache: bool = True,
+    columns: str | None = None,
 ) -> ImportReport:
     """import_csv, with a progress bar on a terminal for files large enough to take a while.
 
     Ctrl-C or SIGTERM stops the import and raises ``ImportInterrupted``: see ``_import_or_stop``.
     """
     try:
-        size = file.stat().st_size
+        size = 0 if str(file) == STDIN else file.stat().st_size
     except OSError:
         size = 0
     with contextlib.ExitStack() as stack:
@@ -267,6 +318,7 @@ async def import_with_progress(
             progress=on_progress,
             budget_usd=budget_usd,
             use_cache=use_cache,
+            columns=columns,
         )
 
 
@@ -289,6 +341,7 @@ async def _import_or_stop(
     progress: Callable[[ImportProgress], None] | None,
     budget_usd: float | None = None,
     use_cache: bool = True,
+    columns: str | None = None,
 ) -> ImportReport:
     """import_csv in a transaction of our own, so that a stop signal is reported truthfully.
 
@@ -344,6 +397,7 @@ async def _import_or_stop(
                     progress_every=20_000,
                     budget_usd=budget_usd,
                     use_cache=use_cache,
+                    columns=columns,
                 )
                 stop.committing = True
         except BaseException:
@@ -400,7 +454,7 @@ def _print_import_report(err: Console, file: Path, report: ImportReport) -> None
     notes = [f"delimiter: {DELIMITER_NAMES.get(report.delimiter, report.delimiter)}"]
     if report.bom:
         notes.append("UTF-8 BOM stripped")
-    err.print(Text(f"{file.name} ({', '.join(notes)})", style="bold"))
+    err.print(Text(f"{display_name(file)} ({', '.join(notes)})", style="bold"))
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     table.add_column("column")
     table.add_column("key")
@@ -410,8 +464,11 @@ def _print_import_report(err: Console, file: Path, report: ImportReport) -> None
     err.print(table)
     for warning in report.warnings:
         err.print(Text.assemble(("warning: ", "yellow"), warning))
+    spanning = (
+        f" on {report.lines_skipped:,} lines" if report.lines_skipped > report.rows_skipped else ""
+    )
     if report.skipped:
-        err.print(Text(f"skipped rows ({report.rows_skipped}):", style="yellow"))
+        err.print(Text(f"skipped rows ({report.rows_skipped}{spanning}):", style="yellow"))
         for bad in report.skipped[:SHOW_SKIPPED]:
             err.print(Text(f"  {bad}"))
         if report.rows_skipped > SHOW_SKIPPED:
@@ -421,8 +478,8 @@ def _print_import_report(err: Console, file: Path, report: ImportReport) -> None
         Text.assemble(
             ("imported ", "green"),
             f"{report.rows_imported:,} row(s)",
-            f", {report.rows_skipped:,} skipped{blank}; steps: {' -> '.join(report.steps)} "
-            f"({report.seconds:.1f}s)",
+            f", {report.rows_skipped:,} skipped{spanning}{blank}; "
+            f"steps: {' -> '.join(report.steps)} ({report.seconds:.1f}s)",
         )
     )
 
@@ -597,9 +654,14 @@ __all__ = [
     "ImportInterrupted",
     "batch",
     "budget_option",
+    "columns_option",
+    "csv_file_argument",
+    "delimiter_option",
     "fetch_progress",
+    "import_source",
     "import_with_progress",
     "no_cache_option",
+    "no_header_option",
     "print_progress",
     "register_batch_commands",
     "status",

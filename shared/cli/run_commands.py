@@ -37,8 +37,12 @@ from shared.cli.batch_commands import (
     _run,
     _stderr,
     budget_option,
+    columns_option,
+    delimiter_option,
+    import_source,
     import_with_progress,
     no_cache_option,
+    no_header_option,
     print_progress,
 )
 from shared.cli.callbacks import blueprint_has_async_step, callback_receiver
@@ -46,7 +50,7 @@ from shared.cli.logs import configure_cli_logging
 from shared.cli.progress import RateMeter, format_duration, print_plain, render
 from shared.db.connect import resolve_dsn
 from shared.errors import ConfigurationError, DatabaseUnavailable
-from shared.importer import parse_steps
+from shared.importer import display_name, parse_steps
 from shared.local import LocalRunner
 from shared.outage import DatabaseGone
 from shared.pg_state import PgStateAPI
@@ -272,7 +276,9 @@ async def _top_errors(dsn: str, batch_id: UUID) -> list[dict[str, Any]]:
 
 
 @click.command("run")
-@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument(
+    "file", required=False, type=click.Path(dir_okay=False, allow_dash=True, path_type=Path)
+)
 @click.option(
     "--steps",
     metavar="STEP[,STEP...]",
@@ -290,6 +296,9 @@ async def _top_errors(dsn: str, batch_id: UUID) -> list[dict[str, Any]]:
 @click.option("--name", help="A name for the batch (default: the file name).")
 @click.option("--client-id", type=click.UUID, help="Owner of the batch (default ENRICH_CLIENT_ID).")
 @click.option("--skip-invalid", is_flag=True, help="Import valid rows, report malformed ones.")
+@delimiter_option
+@no_header_option
+@columns_option
 @click.option(
     "--callback-port",
     type=click.IntRange(0, 65535),
@@ -309,11 +318,15 @@ def run(
     name: str | None,
     client_id: UUID | None,
     skip_invalid: bool,
+    delimiter: str | None,
+    no_header: bool,
+    columns: str | None,
     callback_port: int,
     budget_usd: float | None,
     no_cache: bool,
 ) -> None:
-    """Import FILE.csv as a batch running --steps and run it to the end, here and now.
+    """Import FILE.csv (- reads standard input) as a batch running --steps and run it to the
+    end, here and now.
 
     No configuration needed: without DATABASE_URL a private PostgreSQL is started. Resume a
     stopped batch with --batch ID. Exits 0 when every item completed, 3 when some failed.
@@ -326,6 +339,9 @@ def run(
         raise click.UsageError("--steps belongs to a new batch; --batch resumes with its own")
     if batch_id is not None and no_cache:
         raise click.UsageError("--no-cache belongs to a new batch")
+    if batch_id is not None and (delimiter or no_header or columns):
+        raise click.UsageError("--delimiter, --no-header and --columns belong to a new batch")
+    sep, columns = import_source(file, delimiter, no_header, columns) if file else (None, None)
     settings = get_settings()
     err = _stderr()
     configure_cli_logging(settings.log_level)
@@ -345,10 +361,12 @@ def run(
                 file,
                 steps or "",
                 client_id=client_id if client_id is not None else settings.client_id,
-                name=name or file.name,
+                name=name or display_name(file),
                 skip_invalid=skip_invalid,
+                delimiter=sep,
                 budget_usd=budget_usd,
                 use_cache=not no_cache,
+                columns=columns,
             )
             _print_import_report(err, file, report)
             target = report.batch_id
