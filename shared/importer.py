@@ -137,10 +137,10 @@ _REGISTRY_STEPS = (
     " order by step_name"
 )
 _INSERT_BATCH = (
-    "insert into public.batches (client_id, name, blueprint, meta, budget_usd, use_cache)"
+    "insert into public.batches (client_id, name, blueprint, meta, budget_usd, use_cache, priority)"
     " values (coalesce(%(client_id)s, public.request_client_id(),"
     " '00000000-0000-0000-0000-000000000000'::uuid), %(name)s, %(blueprint)s, %(meta)s,"
-    " %(budget_usd)s, %(use_cache)s)"
+    " %(budget_usd)s, %(use_cache)s, %(priority)s)"
     " returning id"
 )
 _COPY_ITEMS = "copy public.batch_items (batch_id, raw_data) from stdin"
@@ -567,6 +567,7 @@ async def import_csv(
     budget_usd: float | None = None,
     use_cache: bool = True,
     columns: str | Sequence[str] | None = None,
+    priority: int = 0,
 ) -> ImportReport:
     """Import the CSV at ``path`` (``"-"``: standard input) as a new batch running ``steps``;
     returns what was done.
@@ -577,6 +578,7 @@ async def import_csv(
     ``target`` is a DSN or an open async connection (the import runs in a transaction of its own,
     or a savepoint if the connection is already in one). ``budget_usd`` caps what the batch's paid
     steps may spend; ``use_cache`` False makes them call their provider even for cached inputs.
+    ``priority`` orders the batch among its tenant's batches at claim time (higher first).
     Raises ``InvalidInput`` (``MalformedCsv`` for malformed rows) with nothing written.
     """
     if budget_usd is not None and not budget_usd >= 0:
@@ -600,6 +602,7 @@ async def import_csv(
                 budget_usd=budget_usd,
                 use_cache=use_cache,
                 columns=columns,
+                priority=priority,
             )
     try:
         return await _import(
@@ -615,6 +618,7 @@ async def import_csv(
             budget_usd=budget_usd,
             use_cache=use_cache,
             columns=columns,
+            priority=priority,
         )
     except psycopg.Error as exc:
         raise translate_db_error(exc) from exc
@@ -634,6 +638,7 @@ async def _import(
     budget_usd: float | None = None,
     use_cache: bool = True,
     columns: str | Sequence[str] | None = None,
+    priority: int = 0,
 ) -> ImportReport:
     if delimiter is not None and delimiter not in DELIMITERS:
         raise InvalidInput(f"delimiter must be one of , ; TAB |, got {delimiter!r}")
@@ -709,6 +714,7 @@ async def _import(
                     "meta": Jsonb({"source": {"file": display}}),
                     "budget_usd": budget_usd,
                     "use_cache": use_cache,
+                    "priority": priority,
                 },
             )
             row = await cur.fetchone()
