@@ -156,6 +156,14 @@ no_cache_option = click.option(
     is_flag=True,
     help="Call paid providers even for inputs the result cache has an answer for.",
 )
+priority_option = click.option(
+    "--priority",
+    type=click.IntRange(-1000, 1000),
+    default=0,
+    show_default=True,
+    help="Orders this batch among your own batches: higher runs first, equal ones take turns "
+    "(other clients are served in turn whatever it is).",
+)
 # The CSV file to import; "-" reads it from standard input.
 csv_file_argument = click.argument(
     "file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path)
@@ -224,6 +232,7 @@ def batch() -> None:
 @columns_option
 @budget_option
 @no_cache_option
+@priority_option
 def batch_create(
     file: Path,
     steps: str,
@@ -235,6 +244,7 @@ def batch_create(
     columns: str | None,
     budget_usd: float | None,
     no_cache: bool,
+    priority: int,
 ) -> None:
     """Create a batch from FILE.csv (- reads standard input): one item per row, each starting
     the blueprint.
@@ -259,6 +269,7 @@ def batch_create(
             budget_usd=budget_usd,
             use_cache=not no_cache,
             columns=columns,
+            priority=priority,
         )
 
     report = _run(go)
@@ -279,6 +290,7 @@ async def import_with_progress(
     budget_usd: float | None = None,
     use_cache: bool = True,
     columns: str | None = None,
+    priority: int = 0,
 ) -> ImportReport:
     """import_csv, with a progress bar on a terminal for files large enough to take a while.
 
@@ -319,6 +331,7 @@ async def import_with_progress(
             budget_usd=budget_usd,
             use_cache=use_cache,
             columns=columns,
+            priority=priority,
         )
 
 
@@ -342,6 +355,7 @@ async def _import_or_stop(
     budget_usd: float | None = None,
     use_cache: bool = True,
     columns: str | None = None,
+    priority: int = 0,
 ) -> ImportReport:
     """import_csv in a transaction of our own, so that a stop signal is reported truthfully.
 
@@ -398,6 +412,7 @@ async def _import_or_stop(
                     budget_usd=budget_usd,
                     use_cache=use_cache,
                     columns=columns,
+                    priority=priority,
                 )
                 stop.committing = True
         except BaseException:
@@ -663,6 +678,7 @@ __all__ = [
     "no_cache_option",
     "no_header_option",
     "print_progress",
+    "priority_option",
     "register_batch_commands",
     "status",
 ]
