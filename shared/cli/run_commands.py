@@ -44,6 +44,7 @@ from shared.cli.batch_commands import (
     no_cache_option,
     no_header_option,
     print_progress,
+    priority_option,
 )
 from shared.cli.callbacks import blueprint_has_async_step, callback_receiver
 from shared.cli.logs import configure_cli_logging
@@ -309,6 +310,7 @@ async def _top_errors(dsn: str, batch_id: UUID) -> list[dict[str, Any]]:
 )
 @budget_option
 @no_cache_option
+@priority_option
 def run(
     file: Path | None,
     steps: str | None,
@@ -324,6 +326,7 @@ def run(
     callback_port: int,
     budget_usd: float | None,
     no_cache: bool,
+    priority: int,
 ) -> None:
     """Import FILE.csv (- reads standard input) as a batch running --steps and run it to the
     end, here and now.
@@ -339,6 +342,8 @@ def run(
         raise click.UsageError("--steps belongs to a new batch; --batch resumes with its own")
     if batch_id is not None and no_cache:
         raise click.UsageError("--no-cache belongs to a new batch")
+    if batch_id is not None and priority:
+        raise click.UsageError("--priority belongs to a new batch")
     if batch_id is not None and (delimiter or no_header or columns):
         raise click.UsageError("--delimiter, --no-header and --columns belong to a new batch")
     sep, columns = import_source(file, delimiter, no_header, columns) if file else (None, None)
@@ -367,6 +372,7 @@ def run(
                 budget_usd=budget_usd,
                 use_cache=not no_cache,
                 columns=columns,
+                priority=priority,
             )
             _print_import_report(err, file, report)
             target = report.batch_id
