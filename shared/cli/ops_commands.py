@@ -8,6 +8,18 @@ COMPLETED row a condition skipped: its result's ``skipped`` says why), ``<step>.
 top-level key of the step's ``result`` (the union over the batch, in first-seen order). A result
 key ``status`` or ``error`` becomes ``<step>.result.<key>``, so it never hides the state columns.
 
+CSV cells are neutralised for spreadsheets by default (OWASP, "CSV Injection":
+https://owasp.org/www-community/attacks/CSV_Injection): a text cell or header starting with
+``= + - @``, tab, CR or LF, which Excel, LibreOffice or Google Sheets would run as a formula, gets a
+single quote in front (``'=HYPERLINK(...)`` shows as text). Numbers stay as they are: a JSON number
+is written as a numeric literal, and a text cell that is a plain decimal number (``-5``,
+``-1.5e3``) is read by a spreadsheet as that number, never a formula, so prefixing it would only
+turn the operator's figures into text. A row holding ``;`` or a tab inside a cell is written
+with every cell quoted, since a spreadsheet splitting on ``;`` (the list separator of many
+locales) would otherwise start a new, unneutralised cell there (so is a row with a CR in a cell,
+which Python's csv writer would leave bare and break the row). ``--raw-cells`` writes the stored
+text unchanged, for programs rather than spreadsheets; JSON lines are never changed.
+
 It is built to stream a million-row batch in bounded memory: the column unions are aggregates
 computed in the database, and the rows come through a server-side (named) cursor, all in one
 read-only REPEATABLE READ transaction, so the columns match the rows even while workers run. A
@@ -31,6 +43,7 @@ import errno
 import io
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -233,6 +246,41 @@ def csv_cell(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+# Spreadsheet neutralisation of CSV cells (see the module docstring) --------------------------
+
+# First characters that make a spreadsheet read a cell as a formula (OWASP's list).
+FORMULA_TRIGGERS = frozenset("=+-@\t\r\n")
+# Text a spreadsheet reads as a plain number, hence never as a formula: left as it is.
+_plain_number = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?").fullmatch
+
+
+def neutralise(text: str) -> str:
+    """``text`` with a single quote in front when a spreadsheet would run it as a formula."""
+    if text and text[0] in FORMULA_TRIGGERS and _plain_number(text) is None:
+        return "'" + text
+    return text
+
+
+def spreadsheet_cell(value: Any) -> str:
+    """``csv_cell(value)``, neutralised. Only text can start a formula: the JSON text of a number
+    is a numeric literal, of a list, object or boolean starts with ``[``, ``{``, ``t`` or ``f``."""
+    if type(value) is str:
+        text: str = value
+        if text and text[0] in FORMULA_TRIGGERS and _plain_number(text) is None:
+            return "'" + text
+        return text
+    return csv_cell(value)
+
+
+def _needs_quoting(cells: Sequence[str]) -> bool:
+    """Whether the row must be written fully quoted, which the csv module's minimal quoting does
+    not do for: ``;`` or a tab in a cell (a spreadsheet splitting there would start a cell the
+    neutralisation never saw) and a CR (Python 3.11's writer leaves it bare with a ``\n`` line
+    terminator, and a reader then ends the row there)."""
+    joined = "".join(cells)
+    return ";" in joined or "\t" in joined or "\r" in joined
+
+
 _decode_json = json.JSONDecoder().decode
 
 
@@ -346,8 +394,10 @@ async def export_batch(
     fmt: Format = "csv",
     status: StatusFilter = "all",
     console: Console | None = None,
+    raw_cells: bool = False,
 ) -> ExportReport:
-    """Stream the batch to ``target`` (a path, or ``-`` for stdout). See the module docstring."""
+    """Stream the batch to ``target`` (a path, or ``-`` for stdout). See the module docstring;
+    ``raw_cells`` turns off the spreadsheet neutralisation of CSV cells."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
         await conn.set_read_only(True)
@@ -368,7 +418,10 @@ async def export_batch(
                     cur = conn.cursor(name=f"enrich_export_{uuid4().hex[:8]}")
                     cur.itersize = FETCH_ROWS
                     await cur.execute(statement, params)
-                    rows = await _write_rows(cur, plan, columns, fmt, out, tick)
+                    if fmt == "jsonl":
+                        rows = await _write_jsonl(cur, plan, columns, out, tick)
+                    else:
+                        rows = await _write_csv(cur, plan, columns, out, tick, raw=raw_cells)
                     await cur.close()
             except OSError as exc:
                 if isinstance(exc, BrokenPipeError) and target == "-":
@@ -378,31 +431,45 @@ async def export_batch(
     return ExportReport(rows, len(columns), target, fmt)
 
 
-async def _write_rows(
+async def _write_csv(
     cur: psycopg.AsyncServerCursor[Any],
     plan: ExportPlan,
     columns: list[str],
-    fmt: Format,
+    out: TextSink,
+    tick: Callable[[int], None],
+    *,
+    raw: bool,
+) -> int:
+    rows = 0
+    writer = csv.writer(out, lineterminator="\n")
+    quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    cell = csv_cell if raw else spreadsheet_cell
+    header = columns if raw else [neutralise(c) for c in columns]
+    (quoted if _needs_quoting(header) else writer).writerow(header)
+    async for row in cur:
+        cells = [cell(v) for v in row_values(plan, row)]
+        (quoted if _needs_quoting(cells) else writer).writerow(cells)
+        rows += 1
+        if rows % PROGRESS_EVERY == 0:
+            tick(rows)
+    return rows
+
+
+async def _write_jsonl(
+    cur: psycopg.AsyncServerCursor[Any],
+    plan: ExportPlan,
+    columns: list[str],
     out: TextSink,
     tick: Callable[[int], None],
 ) -> int:
     rows = 0
-    if fmt == "csv":
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(columns)
-        async for row in cur:
-            writer.writerow([csv_cell(v) for v in row_values(plan, row)])
-            rows += 1
-            if rows % PROGRESS_EVERY == 0:
-                tick(rows)
-    else:
-        async for row in cur:
-            line = dict(zip(columns, row_values(plan, row), strict=True))
-            out.write(json.dumps(line, ensure_ascii=False))
-            out.write("\n")
-            rows += 1
-            if rows % PROGRESS_EVERY == 0:
-                tick(rows)
+    async for row in cur:
+        line = dict(zip(columns, row_values(plan, row), strict=True))
+        out.write(json.dumps(line, ensure_ascii=False))
+        out.write("\n")
+        rows += 1
+        if rows % PROGRESS_EVERY == 0:
+            tick(rows)
     return rows
 
 
@@ -450,12 +517,25 @@ def _progress_bar(console: Console | None, total: int | None) -> Iterator[Callab
     show_default=True,
     help="Which items: all, those that completed every step, or those stopped by a failed step.",
 )
-def export(batch_id: UUID, output: str, fmt: Format | None, status: StatusFilter) -> None:
+@click.option(
+    "--raw-cells",
+    is_flag=True,
+    help="CSV: write text exactly as stored, without the quote put before cells a spreadsheet "
+    "would run as formulas (= + - @, tab, CR, LF). For programs, not spreadsheets.",
+)
+def export(
+    batch_id: UUID, output: str, fmt: Format | None, status: StatusFilter, raw_cells: bool
+) -> None:
     """Write BATCH's items with every step's status, error and result columns, in input order.
 
     Columns: the input columns, then for each blueprint step <step>.status, <step>.error and one
     <step>.<key> per result key. CSV cells hold strings as they are and other JSON values (numbers,
     lists, objects) as JSON text; JSON lines keep the JSON types, with null where there is nothing.
+
+    CSV is safe to open in a spreadsheet: text starting with = + - @, tab, CR or LF gets a single
+    quote in front so it shows as text instead of running as a formula (plain numbers such as -5
+    are left alone), and a row with ; or a tab in a cell is fully quoted. --raw-cells turns this
+    off.
     """
     err = _stderr()
     chosen: Format = fmt or ("jsonl" if output.lower().endswith(JSONL_SUFFIXES) else "csv")
@@ -466,7 +546,9 @@ def export(batch_id: UUID, output: str, fmt: Format | None, status: StatusFilter
 
     async def go() -> ExportReport:
         dsn = await resolve_dsn()
-        return await export_batch(dsn, batch_id, output, fmt=chosen, status=status, console=err)
+        return await export_batch(
+            dsn, batch_id, output, fmt=chosen, status=status, console=err, raw_cells=raw_cells
+        )
 
     try:
         report = _run(go)
