@@ -50,7 +50,8 @@ def make_dispatcher(kind: str, api: StateAPI) -> Dispatcher:
     starts (``modal_app.local_service``), at the URL in ``ENRICH_LOCAL_WORKERS_URL``."""
     if kind == "modal":
         settings = get_settings()
-        return ModalDispatcher(api, modal_function_lookup(settings.modal_app_name))
+        lookup = modal_function_lookup(settings.modal_app_name, settings.modal_environment)
+        return ModalDispatcher(api, lookup)
     if kind == "local":
         url = os.environ.get(LOCAL_WORKERS_URL_ENV)
         if not url:

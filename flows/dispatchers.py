@@ -25,15 +25,21 @@ class SpawnableFunction(Protocol):
     spawn: SpawnMethod
 
 
-def modal_function_lookup(app_name: str) -> Callable[[str], SpawnableFunction]:
-    """Deployed Modal functions by name. ``from_name`` is lazy: nothing is contacted until spawn."""
+def modal_function_lookup(
+    app_name: str, environment_name: str | None = None
+) -> Callable[[str], SpawnableFunction]:
+    """Deployed Modal functions by name, in ``environment_name`` (None: Modal's default, the
+    profile's or ``MODAL_ENVIRONMENT``). ``from_name`` is lazy: nothing is contacted until spawn;
+    its ``environment_name`` keyword is modal/_functions.py ``_Function.from_name`` (modal 1.x)."""
     import modal
 
     cache: dict[str, SpawnableFunction] = {}
 
     def lookup(function_name: str) -> SpawnableFunction:
         if function_name not in cache:
-            function = modal.Function.from_name(app_name, function_name)
+            function = modal.Function.from_name(
+                app_name, function_name, environment_name=environment_name
+            )
             cache[function_name] = cast(SpawnableFunction, function)
         return cache[function_name]
 

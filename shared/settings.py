@@ -78,6 +78,14 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("ENRICH_MODAL_APP", "modal_app_name"),
         description="The deployed Modal app whose functions run the steps (modal_app/app.py).",
     )
+    modal_environment: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MODAL_ENVIRONMENT", "modal_environment"),
+        description="The Modal environment the app is deployed in (deploy.sh sets it, `main` by "
+        "default). The conductor looks its functions up there explicitly: unset, Modal falls "
+        "back to the profile's or the workspace's default, which need not be where deploy.sh "
+        "deployed.",
+    )
     step_modules: str = Field(
         default="",
         validation_alias=AliasChoices("ENRICH_STEP_MODULES", "step_modules"),

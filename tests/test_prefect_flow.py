@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import pytest
@@ -144,3 +144,30 @@ async def test_make_dispatcher_builds_the_modal_dispatcher_without_credentials(
         assert isinstance(flows.conductor.make_dispatcher("modal", api), ModalDispatcher)
         with pytest.raises(ValueError, match="unknown dispatcher 'carrier_pigeon'"):
             flows.conductor.make_dispatcher("carrier_pigeon", api)
+
+
+async def test_the_modal_dispatcher_looks_functions_up_in_the_configured_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not the profile's default: the environment deploy.sh deployed the app to (MODAL_ENVIRONMENT,
+    passed to the deployment's job variables)."""
+    import modal
+
+    looked_up: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def from_name(*args: Any, **kwargs: Any) -> object:
+        looked_up.append((args, kwargs))
+        return object()
+
+    monkeypatch.setattr(modal.Function, "from_name", from_name)
+    monkeypatch.setenv("MODAL_ENVIRONMENT", "staging")
+    monkeypatch.setenv("ENRICH_MODAL_APP", "enrichment-workers-staging")
+    get_settings.cache_clear()
+    try:
+        dispatcher = flows.conductor.make_dispatcher("modal", cast(StateAPI, object()))
+        await dispatcher.dispatch("step_a", [])  # looks the function up, spawns nothing
+    finally:
+        get_settings.cache_clear()
+    assert looked_up == [
+        (("enrichment-workers-staging", "step_a"), {"environment_name": "staging"})
+    ]
