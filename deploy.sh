@@ -10,8 +10,8 @@
 # Usage: ./deploy.sh [--apply]
 #
 # Run it from the project's virtualenv: `modal deploy` and `prefect deploy` import the project's code.
-# Needs the CLIs supabase (with `db query`, 2.x), modal, prefect and python3, and the environment
-# that `./deploy.sh --help` lists.
+# Needs the CLIs supabase (>= 2.79.0, for `db query --linked`), modal, prefect and python3, and the
+# environment that `./deploy.sh --help` lists.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -37,9 +37,10 @@ readonly OPTIONAL_VARS=(
     "PREFECT_WEBHOOK_URL|use this webhook URL instead of creating the webhook (default: create or update it and read its URL)"
     "PREFECT_WEBHOOK_TOKEN|a Prefect service-account API key the webhook requires (Pro/Enterprise), sent as Bearer"
     "ENRICH_GIT_BRANCH|branch the conductor runs from (main)"
-    "ENRICH_GIT_TOKEN|token for a private repository (empty: public)"
+    "ENRICH_GIT_TOKEN|token for a private repository, kept in the Prefect Secret block enrichment-git-token (empty: public)"
     "ENRICH_WORK_POOL|Prefect work pool, type modal:push (enrichment-modal)"
     "ENRICH_MODAL_APP|Modal app name (enrichment-workers)"
+    "MODAL_ENVIRONMENT|Modal environment of the app, its secret and the conductor's lookups (main)"
     "ENRICH_MODAL_SECRET|Modal secret holding the Supabase credentials (enrichment-supabase)"
     "ENRICH_PREFECT_WEBHOOK_NAME|Prefect Cloud webhook name (enrichment-state-changed)"
     "ENRICH_WEBHOOK_DEBOUNCE_SECONDS|at most one webhook request per this many seconds (2)"
@@ -53,6 +54,13 @@ readonly OPTIONAL_VARS=(
     "EXA_BASE_URL|Exa's API base URL (default: Exa's own)"
 )
 readonly REQUIRED_CLIS=(supabase modal prefect python3)
+# `supabase db query` (run below with --linked) first shipped in Supabase CLI v2.79.0: supabase/cli
+# commit 111bf902 "feat(db): add `supabase db query` command for executing SQL" (#4955) is in tag
+# v2.79.0 and not in v2.78.1.
+readonly SUPABASE_CLI_MIN=2.79.0
+# The Prefect Secret block the conductor's pull step clones with: prefect.yaml names it literally
+# (`{{ prefect.blocks.secret.enrichment-git-token }}`), resolved at run time, never stored.
+readonly GIT_TOKEN_BLOCK=enrichment-git-token
 # Values never printed. WEBHOOK_URL is the URL in use (a Prefect webhook URL is a credential).
 readonly SECRET_VARS=(SUPABASE_ACCESS_TOKEN SUPABASE_DB_PASSWORD SUPABASE_SERVICE_ROLE_KEY
     PREFECT_API_KEY MODAL_TOKEN_SECRET PREFECT_WEBHOOK_URL PREFECT_WEBHOOK_TOKEN ENRICH_GIT_TOKEN
@@ -92,6 +100,8 @@ export ENRICH_GIT_BRANCH="${ENRICH_GIT_BRANCH:-main}"
 export ENRICH_GIT_TOKEN="${ENRICH_GIT_TOKEN:-}"
 export ENRICH_WORK_POOL="${ENRICH_WORK_POOL:-enrichment-modal}"
 export ENRICH_MODAL_APP="${ENRICH_MODAL_APP:-enrichment-workers}"
+# Modal's CLI and SDK read MODAL_ENVIRONMENT too; the commands below also name it explicitly.
+export MODAL_ENVIRONMENT="${MODAL_ENVIRONMENT:-main}"
 export ENRICH_MODAL_SECRET="${ENRICH_MODAL_SECRET:-enrichment-supabase}"
 export ENRICH_SECRET_BLOCK="${ENRICH_SECRET_BLOCK:-enrichment-supabase-service-role-key}"
 export ENRICH_PREFECT_WEBHOOK_NAME="${ENRICH_PREFECT_WEBHOOK_NAME:-enrichment-state-changed}"
@@ -108,6 +118,16 @@ WEBHOOK_URL="$PREFECT_WEBHOOK_URL"
 
 # Preflight ---------------------------------------------------------------------------------------
 
+# The first x.y.z in `supabase --version` (it prints the bare version), empty when there is none.
+supabase_cli_version() {
+    supabase --version 2>/dev/null | grep -Eo '[0-9]+\.[0-9]+\.[0-9]+' | head -n1 || true
+}
+
+# Whether version $1 >= version $2.
+version_at_least() {
+    [[ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n1)" == "$2" ]]
+}
+
 preflight() {
     local entry name cli problems=()
     for entry in "${REQUIRED_VARS[@]}"; do
@@ -121,6 +141,20 @@ preflight() {
             problems+=("missing command $cli: install it (and run from the project's virtualenv)")
         fi
     done
+    # Checked before anything is changed: an older CLI would push the migrations, then fail at the
+    # first `db query` with the project half deployed.
+    if command -v supabase >/dev/null 2>&1; then
+        local found
+        found="$(supabase_cli_version)"
+        if [[ -z "$found" ]]; then
+            problems+=("could not read the Supabase CLI's version (supabase --version); deploy.sh needs >= $SUPABASE_CLI_MIN")
+        elif ! version_at_least "$found" "$SUPABASE_CLI_MIN"; then
+            problems+=("Supabase CLI $found found, deploy.sh needs >= $SUPABASE_CLI_MIN (\`supabase db query --linked\` first shipped in v$SUPABASE_CLI_MIN): upgrade the supabase CLI")
+        fi
+    fi
+    if [[ ! "$MODAL_ENVIRONMENT" =~ ^[A-Za-z0-9._-]+$ ]]; then
+        problems+=("MODAL_ENVIRONMENT must be a Modal environment name (letters, digits, . _ -)")
+    fi
     if [[ -n "${SUPABASE_PROJECT_REF:-}" && ! "$SUPABASE_PROJECT_REF" =~ ^[a-z0-9]+$ ]]; then
         problems+=("SUPABASE_PROJECT_REF must be lowercase letters and digits")
     fi
@@ -168,6 +202,10 @@ mask() {
     for name in "${SECRET_VARS[@]}"; do
         value="${!name:-}"
         if ((${#value} >= 4)); then
+            # The forms a value is printed in: inside a SQL literal (quotes doubled, sql_literal),
+            # quoted for the shell, and as it is.
+            text="${text//"${value//\'/\'\'}"/***}"
+            text="${text//"${value//\'/\'\\\'\'}"/***}"
             text="${text//"$value"/***}"
         fi
     done
@@ -214,15 +252,16 @@ run_sql() {
     fi
 }
 
-# Saves the service-role key as a Prefect Secret block; the value comes from the environment.
+# Saves a Prefect Secret block (argv[1]) from the environment variable named argv[2], so the value
+# is never on a command line.
 readonly SAVE_SECRET_BLOCK='import os, sys
 from prefect.blocks.system import Secret
-Secret(value=os.environ["SUPABASE_SERVICE_ROLE_KEY"]).save(sys.argv[1], overwrite=True)'
+Secret(value=os.environ[sys.argv[2]]).save(sys.argv[1], overwrite=True)'
 
 # Prints the deployed receiver's URL and fails unless its /health answers 200 (the first call may
 # wait for a container to start).
 readonly CHECK_RECEIVER='import sys, httpx, modal
-url = modal.Function.from_name(sys.argv[1], "callbacks").get_web_url()
+url = modal.Function.from_name(sys.argv[1], "callbacks", environment_name=sys.argv[2]).get_web_url()
 answer = httpx.get(f"{url}/health", timeout=120)
 print(f"callback receiver: {url} (health: {answer.status_code})")
 sys.exit(0 if answer.status_code == 200 else 1)'
@@ -327,26 +366,38 @@ if ((APPLY)); then
 else
     dotenv="<temporary .env file: ${secret_keys[*]}>"
 fi
-note "values go through a private temporary file, not the command line"
-run modal secret create "$ENRICH_MODAL_SECRET" --from-dotenv "$dotenv" --force
+note "values go through a private temporary file, not the command line, deleted right after"
+run modal secret create "$ENRICH_MODAL_SECRET" --from-dotenv "$dotenv" --force --env "$MODAL_ENVIRONMENT"
+if ((APPLY)); then
+    # Modal holds the values now: no copy stays on disk while the remaining steps run.
+    rm -rf "$TMP_DIR"
+    TMP_DIR=""
+fi
 
 step "Modal: deploy the workers and the callback receiver (app $ENRICH_MODAL_APP)"
 note "the receiver is the web endpoint callbacks: POST <its URL>/callbacks/<token>, see README"
-run modal deploy modal_app/app.py
+run modal deploy modal_app/app.py --env "$MODAL_ENVIRONMENT"
 
 step "Modal: check that the callback receiver answers"
 note "reads the endpoint's URL from Modal and calls GET /health (the receiver reaches the database)"
-run "${ENRICH_PREFECT_PYTHON:-$(prefect_python)}" -c "$CHECK_RECEIVER" "$ENRICH_MODAL_APP"
+run "${ENRICH_PREFECT_PYTHON:-$(prefect_python)}" -c "$CHECK_RECEIVER" "$ENRICH_MODAL_APP" "$MODAL_ENVIRONMENT"
 
 step "Prefect: create or update the work pool $ENRICH_WORK_POOL (modal:push)"
 note "--provision-infrastructure stores the Modal token as a block, or reuses the existing block"
 run prefect --no-prompt work-pool create "$ENRICH_WORK_POOL" --type modal:push \
     --provision-infrastructure --overwrite
 
-step "Prefect: store the service-role key as the Secret block $ENRICH_SECRET_BLOCK"
-note "the flow loads it at run time; the value is read from the environment, not the command line"
+step "Prefect: store the service-role key and the git token as Secret blocks"
+note "values are read from the environment, not the command line; the deployment names the blocks"
+note "$ENRICH_SECRET_BLOCK: the service-role key, which the flow loads at run time"
 export SUPABASE_SERVICE_ROLE_KEY
-run "${ENRICH_PREFECT_PYTHON:-$(prefect_python)}" -c "$SAVE_SECRET_BLOCK" "$ENRICH_SECRET_BLOCK"
+run "${ENRICH_PREFECT_PYTHON:-$(prefect_python)}" -c "$SAVE_SECRET_BLOCK" "$ENRICH_SECRET_BLOCK" \
+    SUPABASE_SERVICE_ROLE_KEY
+note "$GIT_TOKEN_BLOCK: ENRICH_GIT_TOKEN, which each run's git_clone resolves (empty: public repo)"
+run "${ENRICH_PREFECT_PYTHON:-$(prefect_python)}" -c "$SAVE_SECRET_BLOCK" "$GIT_TOKEN_BLOCK" \
+    ENRICH_GIT_TOKEN
+# `prefect deploy` stores what it resolves: it gets no copy of the token to resolve.
+export -n ENRICH_GIT_TOKEN
 
 step "Prefect: deploy the conductor (schedule, concurrency limit, event trigger automation)"
 run prefect --no-prompt deploy --all --prefect-file prefect.yaml

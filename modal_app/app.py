@@ -31,6 +31,8 @@ SECRET_NAME = os.environ.get("ENRICH_MODAL_SECRET", "enrichment-supabase")
 
 app = modal.App(APP_NAME)
 
+# Python and pins are pyproject.toml's (requires-python >= 3.11: supabase>=2.34 needs it), as in
+# prefect.yaml's pull step; tests/test_pins.py keeps the three in step. Modal adds its own client.
 image = (
     modal.Image.debian_slim(python_version="3.11")
     .pip_install(

@@ -61,6 +61,9 @@ STUBBED = ("supabase", "modal", "prefect", "prefect-python")
 STUB = r"""#!/usr/bin/env bash
 # Records the call; answers what deploy.sh reads back.
 name="$(basename "$0")"
+if [[ "$name $*" == "supabase --version" ]]; then  # read-only: not recorded as a call
+  echo "${STUB_SUPABASE_VERSION:-2.79.0}"; exit 0
+fi
 mkdir -p "$STUB_DIR/calls"
 n=$(find "$STUB_DIR/calls" -type f | wc -l)
 printf '%s\0' "$name" "$@" >"$STUB_DIR/calls/$(printf '%04d' "$n")"
@@ -71,11 +74,15 @@ case "$name $*" in
     while (($#)); do
       if [[ $1 == --from-dotenv ]]; then
         cp "$2" "$STUB_DIR/modal-secret.env"; stat -c %a "$2" >"$STUB_DIR/modal-secret.mode"
+        printf '%s' "$2" >"$STUB_DIR/modal-secret.path"
       fi
       shift
     done ;;
-  "prefect-python -c"*)
-    printf '%s' "${SUPABASE_SERVICE_ROLE_KEY:-}" >"$STUB_DIR/secret-block.value" ;;
+  "modal deploy"*)  # the next step: is the temporary .env still on disk?
+    if [[ -e "$(cat "$STUB_DIR/modal-secret.path")" ]]; then echo present; else echo gone; fi \
+      >"$STUB_DIR/dotenv-at-deploy" ;;
+  "prefect-python -c"*)  # saving a Secret block: -c <script> <block> <variable holding the value>
+    if [[ ${4:-} =~ ^[A-Z_][A-Z0-9_]*$ ]]; then printf '%s' "${!4:-}" >"$STUB_DIR/block.$3"; fi ;;
   "prefect --no-prompt deploy"*)
     env >"$STUB_DIR/deploy.env" ;;
   "prefect cloud webhook ls"*)
@@ -244,6 +251,7 @@ SUPABASE_FIRST = [
     "prefect --no-prompt work-pool create enrichment-modal --type modal:push"
     " --provision-infrastructure --overwrite",
     "prefect-python -c",
+    "prefect-python -c",
     "prefect --no-prompt deploy --all --prefect-file prefect.yaml",
 ]
 
@@ -271,7 +279,10 @@ def test_dry_run_prints_the_whole_plan_in_order_and_runs_nothing(deploy: Deploy)
     # The receiver is deployed with the workers, and checked; without a Clay URL, clay_enrich is
     # marked unavailable (new batches naming it are refused with the reason).
     assert "deploy the workers and the callback receiver" in result.stdout
-    assert 'modal.Function.from_name(sys.argv[1], "callbacks").get_web_url()' in result.stdout
+    assert (
+        'modal.Function.from_name(sys.argv[1], "callbacks", environment_name=sys.argv[2])'
+        in result.stdout
+    )
     assert "'unavailable'" in result.stdout and "set CLAY_WEBHOOK_URL" in result.stdout
     assert "set EXA_API_KEY" in result.stdout
     assert deploy.calls() == []  # nothing ran
@@ -370,11 +381,16 @@ def test_apply_runs_every_step_and_keeps_secrets_off_command_lines(deploy: Deplo
     assert deploy.file("modal-secret.mode").strip() == "600"
 
     # The service-role key went to a Prefect Secret block through the environment (the deployment
-    # names the block, never the key: tests/test_conductor_secret.py).
-    [check, save] = [c for c in calls if c[0] == "prefect-python"]
-    assert check[-1] == "enrichment-workers"  # the receiver's check names the Modal app
-    assert save[-1] == "enrichment-supabase-service-role-key"
-    assert deploy.file("secret-block.value") == SECRETS["SUPABASE_SERVICE_ROLE_KEY"]
+    # names the block, never the key: tests/test_conductor_secret.py); so did the git token.
+    [check, save_key, save_token] = [c for c in calls if c[0] == "prefect-python"]
+    assert check[-2:] == ["enrichment-workers", "main"]  # the Modal app and its environment
+    assert save_key[-2:] == ["enrichment-supabase-service-role-key", "SUPABASE_SERVICE_ROLE_KEY"]
+    assert save_token[-2:] == ["enrichment-git-token", "ENRICH_GIT_TOKEN"]
+    assert (
+        deploy.file("block.enrichment-supabase-service-role-key")
+        == (SECRETS["SUPABASE_SERVICE_ROLE_KEY"])
+    )
+    assert deploy.file("block.enrichment-git-token") == ""  # a public repository
 
     # The URL read back from Prefect Cloud went to Vault, on stdin.
     sql = deploy.file("sql.log")
@@ -415,6 +431,82 @@ def test_a_short_callback_secret_is_refused(deploy: Deploy) -> None:
     assert deploy.calls() == []
 
 
+@pytest.mark.parametrize("version", ["2.78.1", "1.226.4", "garbled"])
+def test_an_old_supabase_cli_is_refused_before_anything_changes(
+    deploy: Deploy, version: str
+) -> None:
+    """`supabase db query` (steps 10-12) first shipped in Supabase CLI v2.79.0: an older CLI
+    would link and push the migrations, then fail with the project half deployed."""
+    result = deploy.run("--apply", env={**ENV, "STUB_SUPABASE_VERSION": version})
+    assert result.returncode == 2
+    assert deploy.calls() == []
+    assert result.stdout == ""
+    if version == "garbled":
+        assert "could not read the Supabase CLI's version" in result.stderr
+    else:
+        assert f"Supabase CLI {version} found, deploy.sh needs >= 2.79.0" in result.stderr
+        assert "supabase db query --linked" in result.stderr
+
+
+@pytest.mark.parametrize("version", ["2.79.0", "2.104.0-beta.6", "3.0.0"])
+def test_a_recent_supabase_cli_is_accepted(deploy: Deploy, version: str) -> None:
+    result = deploy.run(env={**ENV, "STUB_SUPABASE_VERSION": version})
+    assert result.returncode == 0, result.stderr
+
+
+def test_secrets_with_quotes_are_masked_in_the_dry_run(deploy: Deploy) -> None:
+    """The SQL shows a value quoted as a SQL literal (its quotes doubled): masking the raw value
+    alone missed it."""
+    env = {
+        **ENV,
+        "PREFECT_WEBHOOK_URL": "https://api.prefect.cloud/hooks/given-hook-slug",
+        "PREFECT_WEBHOOK_TOKEN": "pnu_it's-a-webhook-token",
+        "ENRICH_GIT_TOKEN": "ghp_it's-a-git-token",
+    }
+    result = deploy.run(env=env)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    for piece in ("a-webhook-token", "a-git-token", "given-hook-slug"):
+        assert piece not in output, piece
+    assert "select vault.create_secret('***', 'prefect_webhook_token'" in output
+
+
+def test_the_temporary_env_file_is_deleted_right_after_modal_secret_create(
+    deploy: Deploy,
+) -> None:
+    result = deploy.run("--apply")
+    assert result.returncode == 0, result.stderr
+    assert deploy.file("modal-secret.mode").strip() == "600"
+    assert deploy.file("dotenv-at-deploy").strip() == "gone"  # before `modal deploy`, next step
+    assert not Path(deploy.file("modal-secret.path")).parent.exists()
+
+
+def test_the_git_token_goes_to_a_secret_block_not_to_the_deployment(deploy: Deploy) -> None:
+    """prefect.yaml's `{{ $ENRICH_GIT_TOKEN }}` was resolved by `prefect deploy` and stored in
+    plain text in the deployment's pull steps; a Secret block reference is resolved at run time."""
+    token = "ghp_private-repo-token-0123"
+    result = deploy.run("--apply", env={**ENV, "ENRICH_GIT_TOKEN": token})
+    assert result.returncode == 0, result.stderr
+    assert deploy.file("block.enrichment-git-token") == token
+    assert token not in deploy.file("deploy.env")  # `prefect deploy` never sees it
+    assert token not in result.stdout + result.stderr
+    pull = json.dumps(yaml.safe_load((ROOT / "prefect.yaml").read_text())["pull"])
+    assert "ENRICH_GIT_TOKEN" not in pull
+    assert "{{ prefect.blocks.secret.enrichment-git-token }}" in pull
+
+
+def test_the_modal_environment_is_named_explicitly(deploy: Deploy) -> None:
+    result = deploy.run("--apply", env={**ENV, "MODAL_ENVIRONMENT": "staging"})
+    assert result.returncode == 0, result.stderr
+    calls = [" ".join(c) for c in deploy.calls()]
+    assert any(
+        c.startswith("modal secret create enrichment-supabase") and c.endswith("--env staging")
+        for c in calls
+    )
+    assert "modal deploy modal_app/app.py --env staging" in calls
+    assert "MODAL_ENVIRONMENT=staging" in deploy.file("deploy.env").splitlines()
+
+
 def test_apply_updates_an_existing_webhook(deploy: Deploy) -> None:
     (deploy.stub_dir / "webhooks-before.json").write_text(deploy.file("webhooks-after.json"))
     result = deploy.run("--apply")
@@ -437,7 +529,7 @@ def test_apply_exports_every_placeholder_of_prefect_yaml(deploy: Deploy) -> None
     assert names, "prefect.yaml has no environment placeholders?"
     assert names <= set(exported), names - set(exported)
     assert exported["ENRICH_WORK_POOL"] == "enrichment-modal"
-    assert exported["ENRICH_GIT_TOKEN"] == ""  # a public repository
+    assert exported["MODAL_ENVIRONMENT"] == "main"  # the conductor's lookups name it
 
 
 @pytest.mark.skipif(
@@ -506,12 +598,12 @@ def test_prefect_yaml_schedule_concurrency_and_trigger(prefect_yaml: dict[str, A
 def test_prefect_yaml_pull_steps_install_only_what_the_conductor_imports(
     prefect_yaml: dict[str, Any],
 ) -> None:
-    clone, install = prefect_yaml["pull"]
+    clone, _python_check, install = prefect_yaml["pull"]
     assert clone["prefect.deployments.steps.git_clone"]["repository"] == (
         "{{ $ENRICH_GIT_REPOSITORY }}"
     )
     script = install["prefect.deployments.steps.run_shell_script"]["script"]
-    packages = {re.split(r"[\[<>=]", p.strip('"'))[0] for p in shlex.split(script)[6:]}
+    packages = {re.split(r"[\[<>=~]", p.strip('"'))[0] for p in shlex.split(script)[6:]}
     assert packages == {"psycopg", "pydantic-settings", "supabase", "modal", "sentry-sdk"}
     assert "prefect" not in packages  # the push pool's image has it
 
@@ -528,6 +620,15 @@ async def pool() -> None:
         # modal:push is a Prefect Cloud pool type; the deployment only names the pool.
         await client.create_work_pool(WorkPoolCreate(name="enrichment-modal", type="process"))
 
+async def resolve_token(pull_steps: list) -> str:
+    # What a run does with its pull steps (prefect/deployments/steps/core.py run_step), after
+    # deploy.sh saved the block.
+    from prefect.blocks.system import Secret
+    from prefect.utilities.templating import resolve_block_document_references
+    await Secret(value="ghp_saved-in-the-block").save("enrichment-git-token", overwrite=True)
+    step = pull_steps[0]["prefect.deployments.steps.git_clone"]
+    return (await resolve_block_document_references(step))["access_token"]
+
 async def read() -> dict:
     async with get_client() as client:
         d = await client.read_deployment_by_name("enrichment-conductor/conductor")
@@ -541,6 +642,7 @@ async def read() -> dict:
             "automations": [[a.name, sorted(a.trigger.expect),
                              a.trigger.match.model_dump(mode="json"),
                              [x.type for x in a.actions]] for a in automations],
+            "token": await resolve_token(d.pull_steps),
         }
 
 with prefect_test_harness(server_startup_timeout=120):
@@ -563,8 +665,11 @@ def test_prefect_deploy_of_prefect_yaml_against_a_local_server() -> None:
         "ENRICH_WORK_POOL": "enrichment-modal",
         "ENRICH_GIT_REPOSITORY": ENV["ENRICH_GIT_REPOSITORY"],
         "ENRICH_GIT_BRANCH": "main",
-        "ENRICH_GIT_TOKEN": "",
+        # A token in the environment of `prefect deploy` (deploy.sh no longer exports it there)
+        # must still not be stored: prefect.yaml does not name it.
+        "ENRICH_GIT_TOKEN": "ghp_never-stored",
         "ENRICH_MODAL_APP": "enrichment-workers",
+        "MODAL_ENVIRONMENT": "main",
         "SUPABASE_URL": ENV["SUPABASE_URL"],
         "SUPABASE_SERVICE_ROLE_KEY": "service-role-key",
         "SENTRY_DSN": "",
@@ -593,6 +698,11 @@ def test_prefect_deploy_of_prefect_yaml_against_a_local_server() -> None:
     assert "{{" not in json.dumps(deployed["job_variables"])  # every placeholder resolved
     clone = deployed["pull_steps"][0]["prefect.deployments.steps.git_clone"]
     assert clone["repository"] == ENV["ENRICH_GIT_REPOSITORY"] and clone["branch"] == "main"
+    # The token is a block reference, stored unresolved, resolved by each run.
+    assert clone["access_token"] == "{{ prefect.blocks.secret.enrichment-git-token }}"
+    assert "ghp_never-stored" not in json.dumps(deployed)
+    assert deployed["token"] == "ghp_saved-in-the-block"
+    assert deployed["job_variables"]["env"]["MODAL_ENVIRONMENT"] == "main"
     assert deployed["schedules"] == [[60.0, True, "safety-sweep"]]
     assert deployed["collision"] == "CANCEL_NEW"
     assert deployed["automations"] == [
