@@ -26,6 +26,13 @@ class InvalidInput(TerminalError):
     """The caller's input is wrong: a bad blueprint, a malformed CSV, a bad argument."""
 
 
+class QuotaExceeded(InvalidInput):
+    """A quota in ``enrichment_settings`` refused the write (SQLSTATE 23514, constraint
+    ``quota_*``): too many items, an item or a batch's name or meta too large, or too many
+    unfinished rows for the client. Nothing was written; the message names the limit, the value
+    and the setting."""
+
+
 class NotFound(TerminalError):
     """An unknown batch, item or step."""
 

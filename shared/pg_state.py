@@ -22,7 +22,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from shared.errors import DatabaseUnavailable, EnrichError, InvalidInput, NotFound
+from shared.errors import DatabaseUnavailable, EnrichError, InvalidInput, NotFound, QuotaExceeded
 from shared.queries import query
 from shared.state_api import (
     STATUSES,
@@ -55,6 +55,8 @@ def translate_db_error(exc: psycopg.Error) -> EnrichError:
         message = f"{message} ({diag.message_hint})"
     if exc.sqlstate == "22023" or isinstance(exc, psycopg.errors.DataError):
         return InvalidInput(message)
+    if exc.sqlstate == "23514" and (diag.constraint_name or "").startswith("quota_"):
+        return QuotaExceeded(message)  # 20261201000200_quotas_and_guards.sql
     if exc.sqlstate == "P0002":
         return NotFound(message)
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
