@@ -6,12 +6,21 @@ trigger seeds every item's first step as PENDING in the same statement. Nothing 
 the whole import succeeds (the batch row, the items and their first steps commit together).
 
 What is checked, before anything is written: the blueprint's steps against ``enrichment_registry``,
-the encoding (UTF-8; a BOM is stripped), the delimiter (sniffed among ``, ; TAB |``) and the header
-(normalised to lower_snake_case keys, well-known aliases mapped to canonical keys, empty or
-duplicate names refused). While streaming: rows with more or fewer fields than the header and
-broken quoting are malformed; by default one malformed row refuses the whole import (the error
-lists the first ones with their line numbers), with ``skip_invalid=True`` they are skipped and
-reported. Blank lines are ignored, values are trimmed and empty values dropped from ``raw_data``.
+the encoding (UTF-8; a BOM is stripped; UTF-16, spreadsheets and archives are named for what they
+are), the delimiter (sniffed among ``, ; TAB |``) and the header (normalised to lower_snake_case
+keys, well-known aliases mapped to canonical keys, empty or duplicate names refused). A first line
+that looks like data (an email or web address, or domains and numbers like the rows under them) is
+refused: a file without a header row is imported with ``columns=`` naming its columns. Each step
+declares what it reads (``shared.steps.INPUTS``, from its registry config): when no column feeds
+a step, every item would fail there, so the import is refused naming what each step needs and the
+columns it saw (a wrong delimiter shows up here as a single column).
+
+While streaming: lines may end in LF, CRLF or CR, mixed; NUL characters are removed and counted
+in a warning. Rows with more or fewer fields than the header and broken quoting are malformed; by
+default one malformed row refuses the whole import (the error lists the first ones with their line
+numbers, and the lines a row spans: an unclosed quote swallows every line up to the next quote),
+with ``skip_invalid=True`` they are skipped and reported. Blank lines are ignored, values are
+trimmed and empty values dropped from ``raw_data``. ``"-"`` reads standard input.
 """
 
 from __future__ import annotations
