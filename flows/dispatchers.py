@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -9,7 +10,7 @@ from urllib.parse import quote
 
 import httpx
 
-from shared.errors import DispatchError
+from shared.errors import ConfigurationError, DispatchError
 from shared.state_api import ClaimedTask, StateAPI
 
 
@@ -48,6 +49,9 @@ def modal_function_lookup(
 
 # The local stand-in for Modal, ``python -m modal_app.local_service``, started by ``enrich dev up``.
 LOCAL_WORKERS_URL_ENV = "ENRICH_LOCAL_WORKERS_URL"
+# The shared secret ``enrich dev up`` makes for the service and the conductor (a bearer token): the
+# service refuses spawns without it, so neither a web page nor another local user can start work.
+LOCAL_WORKERS_TOKEN_ENV = "ENRICH_LOCAL_WORKERS_TOKEN"
 LOCAL_SPAWN_TIMEOUT_S = 30.0
 
 
@@ -59,15 +63,16 @@ class LocalCall:
 class _HttpSpawn:
     """``spawn.aio(tasks)`` as an HTTP call: the service starts the chunk and answers at once."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, token: str) -> None:
         self._url = url
         self._timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"}
 
     async def aio(self, *args: Any, **kwargs: Any) -> SpawnCall:
         if len(args) != 1 or kwargs:
             raise TypeError("spawn.aio() takes exactly one argument: the list of tasks")
         async with httpx.AsyncClient(timeout=self._timeout) as client:
-            response = await client.post(self._url, json=args[0])
+            response = await client.post(self._url, json=args[0], headers=self._headers)
         if response.status_code != 200:
             raise RuntimeError(f"POST {self._url}: HTTP {response.status_code}: {response.text}")
         object_id = response.json().get("object_id")
@@ -77,20 +82,27 @@ class _HttpSpawn:
 
 
 class _HttpFunction:
-    def __init__(self, url: str, timeout: float) -> None:
-        self.spawn: SpawnMethod = _HttpSpawn(url, timeout)
+    def __init__(self, url: str, timeout: float, token: str) -> None:
+        self.spawn: SpawnMethod = _HttpSpawn(url, timeout, token)
 
 
 def local_function_lookup(
-    base_url: str, *, timeout: float = LOCAL_SPAWN_TIMEOUT_S
+    base_url: str, *, token: str | None = None, timeout: float = LOCAL_SPAWN_TIMEOUT_S
 ) -> Callable[[str], SpawnableFunction]:
     """Functions of the local stand-in for Modal at ``base_url``, as ``modal_function_lookup``
-    gives deployed ones: ``POST {base_url}/functions/{name}/spawn`` with the task list."""
+    gives deployed ones: ``POST {base_url}/functions/{name}/spawn`` with the task list, carrying
+    ``token`` (default: ``ENRICH_LOCAL_WORKERS_TOKEN``, which ``enrich dev up`` sets)."""
     base = base_url.rstrip("/")
+    secret = token if token is not None else os.environ.get(LOCAL_WORKERS_TOKEN_ENV, "")
+    if not secret:
+        raise ConfigurationError(
+            f"the local worker service needs its token: {LOCAL_WORKERS_TOKEN_ENV} is not set "
+            "(enrich dev up sets it for the conductor it starts)"
+        )
 
     def lookup(function_name: str) -> SpawnableFunction:
         name = quote(function_name, safe="")
-        return _HttpFunction(f"{base}/functions/{name}/spawn", timeout)
+        return _HttpFunction(f"{base}/functions/{name}/spawn", timeout, secret)
 
     return lookup
 

@@ -51,7 +51,14 @@ Payload = dict[str, Any]
 
 
 def parse_payload(raw: str) -> Payload:
-    """The notification's JSON object; anything else is kept as ``{"raw": ...}``."""
+    """The notification's JSON object; anything else is kept as ``{"raw": ...}``.
+
+    A wake-up hint only: any session that can connect may NOTIFY this channel with any text, so
+    nothing is decided on it here but what the event shows. The event only starts a conductor run:
+    the trigger passes none of the payload to it (its parameters are fixed, in ``flows.dev_serve``
+    and ``prefect.yaml``), and the run reads which rows are ready from the tables, so a forged
+    notification costs at most one idle run.
+    """
     try:
         data = json.loads(raw)
     except ValueError:

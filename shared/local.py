@@ -350,6 +350,10 @@ class LocalRunner:
         return len(rows)
 
     def _relevant(self, payload: str) -> bool:
+        """Whether a notification is worth a pass now. The payload is a wake-up hint only: any
+        session may NOTIFY this channel with any text, so it decides nothing but when to look;
+        the pass reads every row from the tables. A forged one costs an idle pass, and it cannot
+        hide a real one (each statement sends its own, and the timer sweeps anyway)."""
         if self._batch_ids is None:
             return True
         try:

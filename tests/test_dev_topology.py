@@ -26,10 +26,12 @@ import pytest
 
 from flows import conductor as conductor_module
 from flows import dev_serve, dispatchers, relay
+from modal_app import local_service
 from modal_app.local_service import create_app
 from shared.cli import dev_commands
 from shared.cli.dev_commands import process_alive
-from shared.settings import Settings
+from shared.errors import ConfigurationError
+from shared.settings import Settings, get_settings
 
 from .conftest import make_short_home, remove_home
 
@@ -44,6 +46,8 @@ ITEMS = 40
 
 def test_the_cli_and_the_flows_agree_on_names() -> None:
     assert dev_commands.LOCAL_WORKERS_URL_ENV == dispatchers.LOCAL_WORKERS_URL_ENV
+    assert dev_commands.LOCAL_WORKERS_TOKEN_ENV == dispatchers.LOCAL_WORKERS_TOKEN_ENV
+    assert dev_commands.LOCAL_WORKERS_TOKEN_ENV == local_service.TOKEN_ENV
     field = Settings.model_fields["callback_base_url"]
     assert dev_commands.CALLBACK_BASE_URL_ENV in str(field.validation_alias)
     assert conductor_module.conductor.name == dev_commands.FLOW_NAME
@@ -108,9 +112,15 @@ async def test_coalescer_sends_the_leading_edge_at_once_and_one_trailing_event()
 # The local stand-in for Modal refuses what Modal would -------------------------------------------
 
 
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
 async def test_local_service_refuses_unknown_functions_and_bad_tasks() -> None:
-    transport = httpx.ASGITransport(app=create_app(["step_a"]))
-    async with httpx.AsyncClient(transport=transport, base_url="http://local") as client:
+    transport = httpx.ASGITransport(app=create_app(["step_a"], token=TOKEN))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://local", headers=AUTH
+    ) as client:
         assert (await client.get("/health")).json()["functions"] == ["step_a"]
         assert (await client.post("/functions/nope/spawn", json=[])).status_code == 404
         wrapped = await client.post("/functions/step_a/spawn", json={"tasks": []})
@@ -118,6 +128,102 @@ async def test_local_service_refuses_unknown_functions_and_bad_tasks() -> None:
         bad = await client.post("/functions/step_a/spawn", json=[{"batch_id": "x"}])
         assert bad.status_code == 422
         assert (await client.get("/calls/local-unknown")).status_code == 404
+
+
+def a_task(step: str) -> dict[str, Any]:
+    return {
+        "batch_id": "00000000-0000-4000-8000-000000000001",
+        "item_id": "00000000-0000-4000-8000-000000000002",
+        "step_name": step,
+        "attempt": 1,
+    }
+
+
+async def test_local_service_needs_the_token_and_json() -> None:
+    app = create_app(["step_a"], token=TOKEN)
+    body = json.dumps([a_task("step_a")])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://local") as client:
+        url = "/functions/step_a/spawn"
+        json_type = {"Content-Type": "application/json"}
+        # What any web page can send: a simple cross-origin request, no credentials.
+        page = await client.post(url, content=body, headers={"Content-Type": "text/plain"})
+        assert page.status_code == 401
+        assert (await client.post(url, content=body, headers=json_type)).status_code == 401
+        wrong = {**json_type, "Authorization": "Bearer not-the-token"}
+        assert (await client.post(url, content=body, headers=wrong)).status_code == 401
+        # The token, but not JSON: refused too (a page could only send it after a preflight).
+        plain = {"Content-Type": "text/plain", **AUTH}
+        assert (await client.post(url, content=body, headers=plain)).status_code == 415
+        assert (await client.get("/calls/local-unknown")).status_code == 401
+        assert (await client.get("/health")).status_code == 200
+    assert app.state.pool.calls == {}  # nothing was started
+
+
+async def test_local_service_runs_only_the_steps_of_the_function_called(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    get_settings.cache_clear()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # A second step served by the same function: the registry decides, not the names.
+        conn.execute(
+            "insert into enrichment_registry (step_name, modal_function_name, results_table)"
+            " values ('step_a_too', 'step_a', null)"
+        )
+    app = create_app(["step_a", "step_b"], token=TOKEN)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://local", headers=AUTH
+        ) as client:
+            url = "/functions/step_a/spawn"
+            other = await client.post(url, json=[a_task("step_a"), a_task("step_b")])
+            assert other.status_code == 422
+            assert "step_b" in other.json()["error"]
+            unknown = await client.post(url, json=[a_task("no_such_step")])
+            assert unknown.status_code == 422
+            assert app.state.pool.calls == {}
+            ok = await client.post(url, json=[a_task("step_a"), a_task("step_a_too")])
+            assert ok.status_code == 200, ok.text
+            assert list(app.state.pool.calls) == [ok.json()["object_id"]]
+    finally:
+        await app.state.pool.stop()
+        get_settings.cache_clear()
+
+
+def test_local_dispatch_needs_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(dispatchers.LOCAL_WORKERS_TOKEN_ENV, raising=False)
+    with pytest.raises(ConfigurationError, match=dispatchers.LOCAL_WORKERS_TOKEN_ENV):
+        dispatchers.local_function_lookup("http://127.0.0.1:1")
+
+
+# Files under dev/ are the user's own ------------------------------------------------------------
+
+
+def test_dev_files_are_private(tmp_path: Path) -> None:
+    layout = dev_commands.Layout(tmp_path)
+    layout.dir.mkdir(mode=0o755)
+    layout.dir.chmod(0o755)
+    old_log = layout.log_file("workers")
+    old_log.write_text("left world-readable by an earlier version\n")
+    old_log.chmod(0o644)
+    proc = dev_commands.start_process(
+        layout, "workers", [sys.executable, "-c", "print('hello')"], dict(os.environ)
+    )
+    assert proc.wait(timeout=60) == 0
+    state = dev_commands.DevState(workers_token="secret")
+    state.save(layout)
+
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o777
+
+    assert mode(layout.dir) == 0o700
+    assert mode(layout.log_file("workers")) == 0o600
+    assert mode(layout.pid_file("workers")) == 0o600
+    assert mode(layout.state_file) == 0o600
+    assert "hello" in layout.log_file("workers").read_text()
+    assert dev_commands.DevState.load(layout).workers_token == "secret"
 
 
 # The whole topology ------------------------------------------------------------------------------

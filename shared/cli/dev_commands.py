@@ -22,6 +22,11 @@ configuration changed (say the Prefect server came back on another port) is rest
 deadline) and leaves the database running unless ``--all``. ``shared`` never imports ``flows`` or
 ``modal_app``: the parts run as ``python -m <module>`` subprocesses.
 
+What it leaves on disk is private to the user running it: ``dev/`` is 0700 and every file in it
+(logs, which may hold DSNs and step output; ``state.json``, which holds the workers' token) 0600.
+The local workers accept work only from a caller with the token ``up`` makes for them (kept while
+they run, so a second ``up`` changes nothing) and hands to the conductor in its environment.
+
 Output conventions as the other commands: ``KEY=value`` lines for scripts on stdout, the rest on
 stderr.
 """
@@ -34,6 +39,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -61,6 +67,7 @@ DEV_DIR = "dev"
 STATE_FILE = "state.json"
 # Names the CLI shares with flows/ and modal_app/ without importing them (tests check they agree).
 LOCAL_WORKERS_URL_ENV = "ENRICH_LOCAL_WORKERS_URL"
+LOCAL_WORKERS_TOKEN_ENV = "ENRICH_LOCAL_WORKERS_TOKEN"
 CALLBACK_BASE_URL_ENV = "ENRICH_CALLBACK_BASE_URL"  # read by shared.settings
 FLOW_NAME = "enrichment-conductor"
 DEPLOYMENT_NAME = "dev"
@@ -120,10 +127,15 @@ class Layout:
     def ready_file(self, part: str) -> Path:
         return self.dir / f"{part}.ready"
 
+    def ensure_dir(self) -> None:
+        """``dev/``, private (0700) even when an earlier version made it world-readable."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """One ``dev up``/``down`` at a time per home."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ensure_dir()
         fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -161,6 +173,7 @@ class DevState:
     database: str | None = None  # the DSN to show (masked when it has a password)
     database_kind: str | None = None  # "embedded" | "external"
     ui: bool = True
+    workers_token: str | None = None  # the local workers' bearer token (this file is 0600)
 
     @classmethod
     def load(cls, layout: Layout) -> DevState:
@@ -177,19 +190,29 @@ class DevState:
             database=data.get("database"),
             database_kind=data.get("database_kind"),
             ui=bool(data.get("ui", True)),
+            workers_token=data.get("workers_token") or None,
         )
 
     def save(self, layout: Layout) -> None:
-        layout.dir.mkdir(parents=True, exist_ok=True)
+        layout.ensure_dir()
         data = {
             "parts": {name: asdict(rec) for name, rec in self.parts.items()},
             "database": self.database,
             "database_kind": self.database_kind,
             "ui": self.ui,
+            "workers_token": self.workers_token,
         }
         tmp = layout.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        write_private(tmp, json.dumps(data, indent=2) + "\n")
         tmp.replace(layout.state_file)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` with mode 0600 (also when it existed with a wider mode)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with open(fd, "w") as fh:
+        os.fchmod(fd, 0o600)
+        fh.write(text)
 
 
 # Processes --------------------------------------------------------------------------------------
@@ -249,9 +272,11 @@ def start_process(
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own session (so ``down`` can signal its whole process group), output
     appended to ``<part>.log``, pid written to ``<part>.pid``."""
-    layout.dir.mkdir(parents=True, exist_ok=True)
+    layout.ensure_dir()
     log_path = layout.log_file(part)
-    with log_path.open("ab") as log:
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # a log an earlier version left world-readable
+    with open(fd, "ab") as log:
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         log.write(f"\n===== {stamp} enrich dev up: {' '.join(argv)}\n".encode())
         log.flush()
@@ -264,7 +289,7 @@ def start_process(
             cwd=layout.dir,
             start_new_session=True,
         )
-    layout.pid_file(part).write_text(f"{proc.pid}\n")
+    write_private(layout.pid_file(part), f"{proc.pid}\n")
     return proc
 
 
@@ -344,10 +369,11 @@ def plan_callbacks(env: Mapping[str, str], port: int) -> Plan:
     return Plan("callbacks", argv, dict(env), port, http_url(port), identity)
 
 
-def plan_workers(env: Mapping[str, str], port: int, callbacks_url: str) -> Plan:
+def plan_workers(env: Mapping[str, str], port: int, callbacks_url: str, token: str) -> Plan:
     argv = [sys.executable, "-m", "modal_app.local_service", "--host", HOST, "--port", str(port)]
-    full = {**env, CALLBACK_BASE_URL_ENV: callbacks_url}
-    identity = {"dsn": env["DATABASE_URL"], "callbacks": callbacks_url}
+    # The token goes through the environment, never argv (which any local user can read).
+    full = {**env, CALLBACK_BASE_URL_ENV: callbacks_url, LOCAL_WORKERS_TOKEN_ENV: token}
+    identity = {"dsn": env["DATABASE_URL"], "callbacks": callbacks_url, "token": token}
     return Plan("workers", argv, full, port, http_url(port), identity)
 
 
@@ -359,10 +385,15 @@ def plan_prefect(env: Mapping[str, str], port: int, *, ui: bool) -> Plan:
     return Plan("prefect", argv, dict(env), port, http_url(port), identity)
 
 
-def plan_conductor(env: Mapping[str, str], api_url: str, workers_url: str) -> Plan:
+def plan_conductor(env: Mapping[str, str], api_url: str, workers_url: str, token: str) -> Plan:
     argv = [sys.executable, "-m", "flows.dev_serve", "--name", DEPLOYMENT_NAME]
-    full = {**env, "PREFECT_API_URL": api_url, LOCAL_WORKERS_URL_ENV: workers_url}
-    identity = {"dsn": env["DATABASE_URL"], "api": api_url, "workers": workers_url}
+    full = {
+        **env,
+        "PREFECT_API_URL": api_url,
+        LOCAL_WORKERS_URL_ENV: workers_url,
+        LOCAL_WORKERS_TOKEN_ENV: token,
+    }
+    identity = {"dsn": env["DATABASE_URL"], "api": api_url, "workers": workers_url, "token": token}
     return Plan("conductor", argv, full, None, None, identity)
 
 
@@ -534,9 +565,10 @@ def up(home: Path | None, ui: bool, timeout: float) -> None:
             "callbacks", lambda port: plan_callbacks(env, _port(port)), needs_port=True
         )
         callbacks_url = _url(callbacks)
+        token = workers_token(topo)
         workers = topo.ensure(
             "workers",
-            lambda port: plan_workers(env, _port(port), callbacks_url),
+            lambda port: plan_workers(env, _port(port), callbacks_url, token),
             needs_port=True,
         )
         prefect = topo.ensure(
@@ -553,7 +585,9 @@ def up(home: Path | None, ui: bool, timeout: float) -> None:
         _report(workers, workers_url)
 
         conductor = topo.ensure(
-            "conductor", lambda _: plan_conductor(env, api_url, workers_url), needs_port=False
+            "conductor",
+            lambda _: plan_conductor(env, api_url, workers_url, token),
+            needs_port=False,
         )
         relay = topo.ensure("relay", lambda _: plan_relay(layout, env, api_url), needs_port=False)
         since = conductor.record.started_at
@@ -570,6 +604,17 @@ def up(home: Path | None, ui: bool, timeout: float) -> None:
     click.echo(f"{LOCAL_WORKERS_URL_ENV}={workers_url}")
     click.echo(f"{CALLBACK_BASE_URL_ENV}={callbacks_url}")
     click.echo(f"DATABASE_URL={shown}")
+
+
+def workers_token(topo: Topology) -> str:
+    """The local workers' token: the one they run with, else a new one (saved in the 0600
+    ``state.json`` before any part gets it). Made per start of the workers, not per ``up``, so a
+    second ``up`` leaves the running workers and conductor alone."""
+    state = topo.state
+    if state.workers_token is None or topo.running("workers") is None:
+        state.workers_token = secrets.token_urlsafe(32)
+        state.save(topo.layout)
+    return state.workers_token
 
 
 def _port(port: int | None) -> int:

@@ -91,3 +91,8 @@ with declared as (
 select s.key
 from seen s left join declared d on d.key = s.key
 order by d.ord nulls last, s.first_seq, s.key collate "C";
+
+-- name: step_functions
+-- The function the registry runs each step with (the local worker service checks spawns by it).
+select step_name, modal_function_name from public.enrichment_registry
+where step_name = any(%(step_names)s);
