@@ -182,7 +182,8 @@ class SupabaseStateAPI:
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = 8,
     ) -> SupabaseStateAPI:
-        """A client of the project at ``url`` (``https://<ref>.supabase.co``), service-role ``key``.
+        """A client of the project at ``url`` (``https://<ref>.supabase.co``; plain http only to
+        this machine, the local Supabase stack), service-role ``key``. A redirect is refused.
 
         Nothing is sent yet: a wrong URL or key shows on the first call. supabase-py's own retries
         stay off (they only ever retry GETs, and every call here is a POST): retrying is the
