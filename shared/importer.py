@@ -48,8 +48,7 @@ from psycopg.types.json import Jsonb
 
 from shared.errors import ConfigurationError, InvalidInput
 from shared.pg_state import translate_db_error
-from shared.steps import INPUTS, InputsOf, StepInputs
-from shared.steps.base import normalize_key
+from shared.step_inputs import INPUTS, InputsOf, StepInputs, normalize_key
 
 # Canonical keys and the normalised headers that mean them. A header that normalises to the
 # canonical key itself is "mapped" too (it is a key the steps know).

@@ -10,9 +10,10 @@ handler contract. Two more tables describe what some steps need besides a handle
 - ``PREFLIGHTS``, keyed by ``modal_function_name`` like ``HANDLERS`` (they check what the handler
   will need): called with the step's registry config before a batch is imported, they raise
   ``ConfigurationError`` for a missing setting, so it is one error and not a failed row per item.
-- ``INPUTS``, keyed by ``modal_function_name`` too: called with the step's registry config, they
-  say which item fields (or earlier steps' results) the handler reads, so an import refuses a file
-  no column of which feeds a step. Steps without an entry (the shells) read nothing.
+- ``INPUTS`` (defined in ``shared.step_inputs``, which the importer loads without the handlers),
+  keyed by ``modal_function_name`` too: called with the step's registry config, they say which
+  item fields (or earlier steps' results) the handler reads, so an import refuses a file no column
+  of which feeds a step. Steps without an entry (the shells) read nothing.
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ from typing import Any
 from shared.providers.clay import check_clay_config
 from shared.providers.exa import check_exa_config
 from shared.state_api import StepFailure, StepResult, TaskRef
-from shared.steps import clay_enrich as clay_module
-from shared.steps import domains, names
-from shared.steps import exa_verify as exa_module
+from shared.step_inputs import INPUTS, InputsOf, StepInputs
 from shared.steps.async_shell import step_async
-from shared.steps.base import InputsOf, StepContext, StepHandler, StepInputs, Submitted
+from shared.steps.base import StepContext, StepHandler, Submitted
 from shared.steps.clay_enrich import clay_enrich, parse_clay_callback
 from shared.steps.domains import normalize_domain
 from shared.steps.exa_verify import exa_verify
@@ -57,13 +56,6 @@ CALLBACK_PARSERS: dict[str, CallbackParser] = {
 PREFLIGHTS: dict[str, Preflight] = {
     "clay_enrich": check_clay_config,
     "exa_verify": check_exa_config,
-}
-
-INPUTS: dict[str, InputsOf] = {
-    "normalize_domain": domains.inputs,
-    "clean_company_name": names.inputs,
-    "clay_enrich": clay_module.inputs,
-    "exa_verify": exa_module.inputs,
 }
 
 __all__ = [

@@ -8,14 +8,27 @@ worker writes to the step's results table. Handlers signal failure with ``Retrya
 
 from __future__ import annotations
 
-import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 from shared.errors import ConfigurationError
 from shared.state_api import Cost
+
+# Kept where the step modules have always found them; they live beside the steps' declared inputs.
+from shared.step_inputs import config_fields, normalize_key
+
+__all__ = [
+    "StepContext",
+    "StepHandler",
+    "Submitted",
+    "config_fields",
+    "config_flag",
+    "field_value",
+    "normalize_key",
+    "present_keys",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,33 +68,6 @@ class Submitted:
 StepHandler = Callable[[Mapping[str, Any], StepContext], Awaitable[dict[str, Any] | Submitted]]
 
 
-@dataclass(frozen=True, slots=True)
-class StepInputs:
-    """What a step reads from an item, declared so that an import can refuse a file none of whose
-    columns feeds the step (every item would fail) before anything is written.
-
-    The step is fed when the item has any of ``fields`` (raw_data keys, compared as
-    ``field_value`` compares them) or when any of ``steps`` (earlier steps whose results it reads
-    through ``config.needs``) runs before it in the blueprint. ``what`` says it in the user's
-    words: "a website, domain or email column".
-    """
-
-    what: str
-    fields: tuple[str, ...]
-    steps: tuple[str, ...] = ()
-
-
-# A step's registry config -> what it reads. Steps without a declaration read nothing.
-InputsOf = Callable[[Mapping[str, Any]], StepInputs]
-
-_NON_ALNUM = re.compile(r"[^0-9a-z]+")
-
-
-def normalize_key(key: str) -> str:
-    """``"Company Website"`` -> ``"company_website"``: the form CSV headers are imported in."""
-    return _NON_ALNUM.sub("_", key.strip().lower()).strip("_")
-
-
 def field_value(raw: Mapping[str, Any], name: str) -> tuple[str, Any] | None:
     """The value of field ``name`` and the key it was found under, or None when absent.
 
@@ -95,32 +81,6 @@ def field_value(raw: Mapping[str, Any], name: str) -> tuple[str, Any] | None:
         if isinstance(key, str) and normalize_key(key) == wanted:
             return key, value
     return None
-
-
-def config_fields(config: Mapping[str, Any], key: str, default: Sequence[str]) -> tuple[str, ...]:
-    """An ordered list of input field names from the step config, e.g. ``source_fields``."""
-    value = config.get(key)
-    if value is None:
-        return tuple(default)
-    if isinstance(value, str):
-        value = [value]
-    if (
-        not isinstance(value, Sequence)
-        or not value
-        or not all(isinstance(item, str) and item.strip() for item in value)
-    ):
-        raise ConfigurationError(
-            f"config.{key} must be a non-empty list of field names, got {value!r}"
-        )
-    return tuple(item.strip() for item in value)
-
-
-def needed_steps(config: Mapping[str, Any], readable: Sequence[str]) -> tuple[str, ...]:
-    """Those of ``readable`` (the earlier steps a handler knows how to read) that the step's
-    ``config.needs`` names: only their results reach the handler as ``ctx.inputs``."""
-    needs = config.get("needs")
-    names = needs if isinstance(needs, list) else []
-    return tuple(step for step in readable if step in names)
 
 
 def config_flag(config: Mapping[str, Any], key: str, default: bool = False) -> bool:

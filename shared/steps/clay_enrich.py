@@ -45,21 +45,19 @@ from urllib.parse import urlsplit
 from shared.errors import ConfigurationError, TerminalError
 from shared.providers.clay import send_row
 from shared.state_api import StepFailure, StepResult, TaskRef
+from shared.step_inputs import LINKEDIN_FIELDS as LINKEDIN
 from shared.steps.base import (
     StepContext,
-    StepInputs,
     Submitted,
     config_flag,
     field_value,
-    needed_steps,
     normalize_key,
     present_keys,
 )
-from shared.steps.domains import DEFAULT_SOURCE_FIELDS as DOMAIN_FIELDS
 from shared.steps.domains import find_domain
 from shared.steps.names import DEFAULT_SOURCE_FIELDS as NAME_FIELDS
 
-LINKEDIN_FIELDS = ("linkedin_url", "linkedin", "company_linkedin_url", "linkedin_company_url")
+LINKEDIN_FIELDS = LINKEDIN  # declared with the step's inputs (shared.step_inputs)
 
 # Result key -> the body keys it is read from, first present wins (compared normalized).
 COMMON_FIELDS: Mapping[str, tuple[str, ...]] = {
@@ -87,16 +85,6 @@ async def clay_enrich(raw: Mapping[str, Any], ctx: StepContext) -> Submitted:
         )
     _require_reachable(ctx.callback_url, ctx.config)
     return Submitted(await send_row(ctx.config, clay_row(raw, ctx, ctx.callback_url)))
-
-
-def inputs(config: Mapping[str, Any]) -> StepInputs:
-    """Any of a name, a domain or a LinkedIn URL is something to enrich (``clay_row``); the name
-    and domain may come from the earlier steps the config needs."""
-    return StepInputs(
-        "a company name, website, domain, email or LinkedIn column",
-        (*NAME_FIELDS, *DOMAIN_FIELDS, *LINKEDIN_FIELDS),
-        needed_steps(config, ("clean_company_name", "normalize_domain")),
-    )
 
 
 def clay_row(raw: Mapping[str, Any], ctx: StepContext, callback_url: str) -> dict[str, Any]:

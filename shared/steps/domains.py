@@ -36,25 +36,11 @@ from urllib.parse import urlsplit
 from publicsuffixlist import PublicSuffixList
 
 from shared.errors import ConfigurationError, TerminalError
-from shared.steps.base import (
-    StepContext,
-    StepInputs,
-    config_fields,
-    config_flag,
-    field_value,
-    present_keys,
-)
+from shared.step_inputs import DOMAIN_FIELDS
+from shared.steps.base import StepContext, config_fields, config_flag, field_value, present_keys
 
-DEFAULT_SOURCE_FIELDS = (
-    "website",
-    "domain",
-    "company_domain",
-    "url",
-    "company_website",
-    "homepage",
-    "email",
-    "work_email",
-)
+# Declared with the step's inputs (shared.step_inputs), so the import checks the same list.
+DEFAULT_SOURCE_FIELDS = DOMAIN_FIELDS
 
 
 def _domain_list(text: str) -> frozenset[str]:
@@ -328,12 +314,6 @@ def find_domain(raw: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, 
     raise TerminalError(
         f"no usable domain: no value in any of {', '.join(fields)} ({present_keys(raw)})"
     )
-
-
-def inputs(config: Mapping[str, Any]) -> StepInputs:
-    """The fields ``find_domain`` tries: ``config.source_fields`` or the defaults."""
-    fields = config_fields(config, "source_fields", DEFAULT_SOURCE_FIELDS)
-    return StepInputs("a website, domain or email column", fields)
 
 
 async def normalize_domain(raw: Mapping[str, Any], ctx: StepContext) -> dict[str, Any]:

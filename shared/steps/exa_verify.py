@@ -32,8 +32,7 @@ from typing import Any
 
 from shared.errors import TerminalError
 from shared.providers.exa import Hit, search
-from shared.steps.base import StepContext, StepInputs, field_value, needed_steps, present_keys
-from shared.steps.domains import DEFAULT_SOURCE_FIELDS as DOMAIN_FIELDS
+from shared.steps.base import StepContext, field_value, present_keys
 from shared.steps.domains import find_domain
 from shared.steps.names import DEFAULT_SOURCE_FIELDS as NAME_FIELDS
 
@@ -63,18 +62,6 @@ async def exa_verify(raw: Mapping[str, Any], ctx: StepContext) -> dict[str, Any]
         "cost_usd": answer.cost_usd,
         "search_type": answer.search_type,
     }
-
-
-def inputs(config: Mapping[str, Any]) -> StepInputs:
-    """A domain is required (``_domain``: an item without one fails before Exa is paid); the name
-    only sharpens the query. It comes from normalize_domain's result when the config needs it,
-    else from the row's fields by ``find_domain``'s default fields (the config's own
-    ``source_fields`` are Exa's settings, not normalize_domain's)."""
-    return StepInputs(
-        "a website, domain or email column",
-        DOMAIN_FIELDS,
-        needed_steps(config, ("normalize_domain",)),
-    )
 
 
 def verdict(domain: str, hits: tuple[Hit, ...], *, by_name: bool) -> dict[str, Any]:

@@ -26,16 +26,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared.errors import TerminalError
+from shared.step_inputs import NAME_FIELDS
 from shared.steps.base import (
     StepContext,
-    StepInputs,
     config_fields,
     config_flag,
     field_value,
     present_keys,
 )
 
-DEFAULT_SOURCE_FIELDS = ("name", "company_name", "company", "organization", "account_name")
+# Declared with the step's inputs (shared.step_inputs), so the import checks the same list.
+DEFAULT_SOURCE_FIELDS = NAME_FIELDS
 
 PLACEHOLDERS = frozenset(
     {
@@ -356,13 +357,6 @@ def find_name(raw: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, An
         raise TerminalError("no usable company name: " + "; ".join(skipped))
     raise TerminalError(
         f"no company name: no value in any of {', '.join(fields)} ({present_keys(raw)})"
-    )
-
-
-def inputs(config: Mapping[str, Any]) -> StepInputs:
-    """The fields ``find_name`` tries: ``config.source_fields`` or the defaults."""
-    return StepInputs(
-        "a company name column", config_fields(config, "source_fields", DEFAULT_SOURCE_FIELDS)
     )
 
 
