@@ -7,6 +7,8 @@ attempts and function names only. Overlapping runs are safe: claims skip locked 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from dataclasses import asdict
 from typing import Any, cast
@@ -20,6 +22,7 @@ from flows.dispatchers import (
     local_function_lookup,
     modal_function_lookup,
 )
+from flows.progress_artifacts import PUBLISH_EVERY_SECONDS, BatchArtifacts, WatchingDispatcher
 from shared.conductor import Dispatcher, conduct_until_idle
 from shared.errors import ConfigurationError
 from shared.observability import init_observability
@@ -70,23 +73,38 @@ async def conductor(
     claim_limit: int = 1000,
     max_rows: int = 50_000,
     linger_seconds: float = 10.0,
+    progress_every_seconds: float = PUBLISH_EVERY_SECONDS,
 ) -> dict[str, Any]:
     """Sweep expired leases, claim every ready row (up to ``max_rows``), dispatch; keep claiming
-    while rows keep becoming ready, and exit after ``linger_seconds`` with nothing to claim."""
+    while rows keep becoming ready, and exit after ``linger_seconds`` with nothing to claim.
+
+    Meanwhile, every ``progress_every_seconds`` (0: never), it publishes progress artifacts for
+    each batch it claimed rows of or was given (``flows.progress_artifacts``), and at the end."""
     init_observability("conductor", dispatcher=dispatcher)
     logger = get_run_logger()
     await load_service_role_key()
     api = await open_state_api()
+    batches = [UUID(b) for b in batch_ids] if batch_ids else None
+    artifacts = BatchArtifacts(api, every_seconds=progress_every_seconds)
+    artifacts.watch(batches or [])
+    publishing = (
+        asyncio.create_task(artifacts.keep_publishing()) if progress_every_seconds > 0 else None
+    )
     try:
         report = await conduct_until_idle(
             api,
-            make_dispatcher(dispatcher, api),
+            WatchingDispatcher(make_dispatcher(dispatcher, api), artifacts.watch),
             linger_seconds=linger_seconds,
             claim_limit=claim_limit,
             max_rows=max_rows,
-            batch_ids=[UUID(b) for b in batch_ids] if batch_ids else None,
+            batch_ids=batches,
         )
     finally:
+        if publishing is not None:
+            publishing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publishing
+            await artifacts.publish_final()
         await api.close()
     logger.info(
         "conductor pass: swept %d, claimed %d, dispatched %d, dispatch failures %d",

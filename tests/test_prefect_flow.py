@@ -7,19 +7,26 @@ per session, with a generous startup timeout.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
 from uuid import UUID
 
 import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.objects import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
 import flows.conductor
+import flows.progress_artifacts
 from flows.dispatchers import ModalDispatcher
+from flows.progress_artifacts import BatchArtifacts
 from shared.pg_state import PgStateAPI
 from shared.settings import get_settings
-from shared.state_api import ClaimedTask, StateAPI
+from shared.state_api import ClaimedTask, StateAPI, StepFailure, StepResult
 
 from .contract import Conn, company, fetch
 
@@ -171,3 +178,115 @@ async def test_the_modal_dispatcher_looks_functions_up_in_the_configured_environ
     assert looked_up == [
         (("enrichment-workers-staging", "step_a"), {"environment_name": "staging"})
     ]
+
+
+# Progress artifacts (flows/progress_artifacts.py) ------------------------------------------------
+
+
+async def artifacts_with_key(key: str) -> list[Artifact]:
+    async with get_client() as client:
+        return await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+
+
+def table_of(artifact: Artifact) -> Any:
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
+async def finish_some(dsn: str, batch_id: UUID, completed: int, failed: int) -> None:
+    """Run ``completed + failed`` rows of the batch to COMPLETED or (terminally) FAILED."""
+    async with await PgStateAPI.open(dsn, max_size=1) as api:
+        claimed = [c.task for c in await api.claim(completed + failed, batch_ids=[batch_id])]
+        await api.start(claimed)
+        await api.complete([StepResult(t, {}) for t in claimed[:completed]])
+        await api.fail([StepFailure(t, "bad row", retryable=False) for t in claimed[completed:]])
+
+
+async def test_the_flow_publishes_each_batchs_progress_as_artifacts(
+    prefect_server: None, recording: RecordingDispatcher, dsn: str
+) -> None:
+    first, second = await create_batches(dsn)
+    await finish_some(dsn, first, completed=20, failed=10)
+
+    state = await flows.conductor.conductor(linger_seconds=0, return_state=True)
+    assert state.is_completed()
+
+    [table] = await artifacts_with_key(f"batch-{first}")
+    [bar] = await artifacts_with_key(f"batch-{first}-progress")
+    assert table.flow_run_id == bar.flow_run_id == state.state_details.flow_run_id
+    assert (table.type, bar.type) == ("table", "progress")
+    assert table_of(table) == [
+        {
+            "step": "step_a",
+            "pending": 0,
+            "queued": 90,
+            "running": 0,
+            "awaiting_callback": 0,
+            "completed": 20,
+            "skipped": 0,
+            "cached": 0,
+            "failed": 10,
+        }
+    ]
+    assert table.description is not None
+    assert "items finished: 30 of 120 (25.0%)" in table.description
+    assert "failures by step: step_a 10" in table.description
+    assert bar.data == 25.0
+    [other] = await artifacts_with_key(f"batch-{second}")
+    assert table_of(other)[0]["queued"] == 30
+
+
+async def test_artifacts_update_in_place_at_most_every_few_seconds(
+    prefect_server: None, dsn: str
+) -> None:
+    first, _ = await create_batches(dsn)
+    now = [1000.0]
+
+    @flow
+    async def watch_a_batch() -> list[int]:
+        published = []
+        async with await PgStateAPI.open(dsn, max_size=1) as api:
+            artifacts = BatchArtifacts(api, every_seconds=5, clock=lambda: now[0])
+            artifacts.watch([first])
+            published.append(await artifacts.publish())
+            await finish_some(dsn, first, completed=12, failed=0)
+            now[0] += 1
+            published.append(await artifacts.publish())  # too soon: nothing sent
+            [table] = await artifacts_with_key(f"batch-{first}")
+            assert table_of(table)[0]["completed"] == 0
+            now[0] += 5
+            published.append(await artifacts.publish())
+            published.append(await artifacts.publish(force=True))  # nothing changed
+        return published
+
+    assert await watch_a_batch() == [1, 0, 1, 0]
+    [table] = await artifacts_with_key(f"batch-{first}")  # updated, not a new version
+    [bar] = await artifacts_with_key(f"batch-{first}-progress")
+    assert (table_of(table)[0]["completed"], bar.data) == (12, 10.0)
+    assert table.description is not None
+    # 12 item-steps finished in the 6 s between the first publication and this one.
+    assert "rate in this run: 2.0 item-steps/s" in table.description
+
+
+async def test_an_artifact_api_failure_never_fails_the_flow(
+    prefect_server: None,
+    recording: RecordingDispatcher,
+    dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first, _ = await create_batches(dsn)
+
+    async def refuse(**kwargs: Any) -> UUID:
+        raise RuntimeError("Prefect API unreachable")
+
+    monkeypatch.setattr(flows.progress_artifacts, "acreate_table_artifact", refuse)
+
+    report = await flows.conductor.conductor(linger_seconds=0)
+
+    assert report["claimed"] == 150
+    assert await artifacts_with_key(f"batch-{first}") == []
+    assert f"progress artifact for batch {first} not published: Prefect API unreachable" in (
+        caplog.text
+    )
