@@ -154,6 +154,10 @@ def seconds(a: datetime | None, b: datetime | None) -> float | None:
     return None if a is None or b is None else (b - a).total_seconds()
 
 
+def after(delay: float | None) -> str:
+    return "never" if delay is None else f"{delay * 1000:.0f} ms after creation"
+
+
 def spread(values: list[float]) -> str:
     if not values:
         return "none"
@@ -231,8 +235,8 @@ async def main() -> None:
         first = rows[0]
         print(
             f"B's first batch ({args.small} items): first claim "
-            f"{(seconds(first[1], first[2]) or 0) * 1000:.0f} ms after creation, finished "
-            f"{(seconds(first[1], first[3]) or 0) * 1000:.0f} ms after creation ({first[4]})"
+            f"{after(seconds(first[1], first[2]))}, finished "
+            f"{after(seconds(first[1], first[3]))} ({first[4]})"
         )
     print(f"B's batches, creation -> first claim: {spread(to_claim)}")
     print(f"B's batches, creation -> finished:    {spread(to_finish)}")
