@@ -26,7 +26,7 @@ from flows.dispatchers import ModalDispatcher
 from flows.progress_artifacts import BatchArtifacts
 from shared.pg_state import PgStateAPI
 from shared.settings import get_settings
-from shared.state_api import ClaimedTask, StateAPI, StepFailure, StepResult
+from shared.state_api import BatchProgress, ClaimedTask, StateAPI, StepFailure, StepResult
 
 from .contract import Conn, company, fetch
 
@@ -290,3 +290,33 @@ async def test_an_artifact_api_failure_never_fails_the_flow(
     assert f"progress artifact for batch {first} not published: Prefect API unreachable" in (
         caplog.text
     )
+
+
+async def test_slow_progress_reads_are_published_less_often(
+    prefect_server: None, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publication that took 3 s (a huge batch's counts) is followed by none for 30 s."""
+    first, _ = await create_batches(dsn)
+    now = [0.0]
+
+    @flow
+    async def watch_a_slow_batch() -> list[int]:
+        async with await PgStateAPI.open(dsn, max_size=1) as api:
+            read_progress = api.batch_progress
+
+            async def slowly(batch_id: UUID) -> BatchProgress:
+                now[0] += 3
+                return await read_progress(batch_id)
+
+            monkeypatch.setattr(api, "batch_progress", slowly)
+            artifacts = BatchArtifacts(api, every_seconds=5, clock=lambda: now[0])
+            artifacts.watch([first])
+            published = [await artifacts.publish()]  # from 0 s to 3 s
+            await finish_some(dsn, first, completed=6, failed=0)
+            now[0] = 10
+            published.append(await artifacts.publish())  # within 10 x 3 s of the last
+            now[0] = 31
+            published.append(await artifacts.publish())
+        return published
+
+    assert await watch_a_slow_batch() == [1, 0, 1]
