@@ -106,17 +106,28 @@ declare
   v_limit bigint;
   v_seq bigint;
   v_size bigint;
+  v_batches uuid[];
+  v_counts bigint[];
   v_batch uuid;
   v_count bigint;
   v_client uuid;
   v_active bigint;
 begin
-  -- Size of each item. pg_column_size reads the datum's length word: no parsing, no copy.
+  -- One pass over the inserted rows (a hash aggregate): items per batch and the largest item.
+  -- pg_column_size reads the datum's length word: no parsing, no copy. The rest of the checks
+  -- work on these few per-batch figures; only a refusal looks at the rows again, to name one.
+  select array_agg(c.batch_id), array_agg(c.n), max(c.biggest) into v_batches, v_counts, v_size
+  from (select n.batch_id, count(*) as n, max(pg_column_size(n.raw_data)) as biggest
+        from new_items n group by n.batch_id) c;
+  if v_batches is null then
+    return null;
+  end if;
+
   v_limit := quota_limit('quota_item_bytes');
-  select n.seq, pg_column_size(n.raw_data) into v_seq, v_size
-  from new_items n where pg_column_size(n.raw_data) > v_limit
-  order by n.seq limit 1;
-  if v_seq is not null then
+  if v_size > v_limit then
+    select n.seq, pg_column_size(n.raw_data) into v_seq, v_size
+    from new_items n where pg_column_size(n.raw_data) > v_limit
+    order by n.seq limit 1;
     perform quota_exceeded('quota_item_bytes',
       format('the size of the raw_data of item %s of this insert',
              (select count(*) from new_items n where n.seq <= v_seq)),
@@ -129,13 +140,12 @@ begin
   -- then reads what the other committed. A lock, not a row lock on batches: inserted items hold
   -- KEY SHARE on their batch, which FOR UPDATE would wait for.
   perform pg_advisory_xact_lock(7102, hashtext(c.client_id::text))
-  from (select distinct b.client_id from batches b
-        where b.id in (select distinct n.batch_id from new_items n)
+  from (select distinct b.client_id from batches b where b.id = any(v_batches)
         order by b.client_id) c;
 
   v_limit := quota_limit('quota_items_per_batch');
   select b.id, b.item_count + c.n into v_batch, v_count
-  from (select n.batch_id, count(*) as n from new_items n group by n.batch_id) c
+  from unnest(v_batches, v_counts) c(batch_id, n)
   join batches b on b.id = c.batch_id
   where b.item_count + c.n > v_limit
   limit 1;
@@ -152,7 +162,7 @@ begin
   v_limit := quota_limit('quota_unfinished_rows_per_client');
   for v_client, v_count in
     select b.client_id, sum(c.n)
-    from (select n.batch_id, count(*) as n from new_items n group by n.batch_id) c
+    from unnest(v_batches, v_counts) c(batch_id, n)
     join batches b on b.id = c.batch_id
     group by b.client_id
   loop
