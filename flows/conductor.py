@@ -8,7 +8,6 @@ attempts and function names only. Overlapping runs are safe: claims skip locked 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from dataclasses import asdict
 from typing import Any, cast
@@ -102,8 +101,9 @@ async def conductor(
     finally:
         if publishing is not None:
             publishing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publishing
+            # Waits for it to stop without re-raising its cancellation (a cancellation of this
+            # run still propagates).
+            await asyncio.wait([publishing])
             await artifacts.publish_final()
         await api.close()
     logger.info(
