@@ -105,7 +105,8 @@ create table public.{RESULTS} (
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
   primary key (batch_id, item_id)
-)
+);
+alter table public.{RESULTS} enable row level security;
 """
 
 # A callback receiver as a process of its own: the production app (create_callback_app) served by

@@ -112,9 +112,10 @@ def register_recording_steps(dsn: str, steps: dict[str, dict[str, Any]]) -> None
         for step, config in steps.items():
             table = f"{step}_results"
             conn.execute(
-                sql.SQL("create table {} (like public.step_a_results including all)").format(
-                    sql.Identifier(table)
-                )
+                sql.SQL(
+                    "create table {0} (like public.step_a_results including all);"
+                    " alter table {0} enable row level security"
+                ).format(sql.Identifier(table))
             )
             conn.execute(
                 "insert into enrichment_registry"

@@ -31,9 +31,10 @@ async def register_shell_step(conn: Conn, name: str, config: Mapping[str, Any]) 
     """A step run by the ``step_a`` handler, with its own results table."""
     table = f"{name}_results"
     await conn.execute(
-        sql.SQL("create table {} (like public.step_a_results including all)").format(
-            sql.Identifier(table)
-        )
+        sql.SQL(
+            "create table {0} (like public.step_a_results including all);"
+            " alter table {0} enable row level security"
+        ).format(sql.Identifier(table))
     )
     await conn.execute(
         "insert into enrichment_registry (step_name, modal_function_name, results_table, config)"

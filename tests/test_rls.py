@@ -81,10 +81,11 @@ async def batch_ids_in(conn: Conn, table: str) -> list[uuid.UUID]:
 @pytest.mark.parametrize("who", ["A", "B"])
 async def test_a_client_sees_only_its_own_rows(conn: Conn, tenants: Tenants, who: str) -> None:
     client, own = (CLIENT_A, tenants.batch_a) if who == "A" else (CLIENT_B, tenants.batch_b)
-    # app_metadata (set by the service role) or a top-level claim (a custom access token hook).
+    # app_metadata.client_id (writable only with the service role key) names the tenant; a
+    # top-level client_id (an OAuth app's id, from Supabase's OAuth 2.1 server) does not.
     for claims in (
         app_metadata_claims(client),
-        {"role": "authenticated", "client_id": str(client)},
+        {**app_metadata_claims(client), "client_id": str(uuid.uuid4())},
     ):
         async with as_role(conn, "authenticated", claims):
             assert [r["id"] for r in await fetch(conn, "select id from batches")] == [own]

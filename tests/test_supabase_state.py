@@ -490,7 +490,8 @@ async def test_a_results_table_added_later_is_writable_by_the_service_role(
     await conn.execute(
         "create table public.verify_results (batch_id uuid not null, item_id uuid not null,"
         " attempt integer not null, result jsonb not null,"
-        " updated_at timestamptz not null default now(), primary key (batch_id, item_id))"
+        " updated_at timestamptz not null default now(), primary key (batch_id, item_id));"
+        " alter table public.verify_results enable row level security"
     )
     await conn.execute(
         "insert into enrichment_registry (step_name, modal_function_name, results_table)"
@@ -620,7 +621,11 @@ async def test_emulator_runs_as_the_jwt_role(rest: httpx.AsyncClient, dsn: str) 
 
     client_id = uuid.uuid4()
     user = make_jwt(
-        {"role": "authenticated", "sub": str(uuid.uuid4()), "client_id": str(client_id)}
+        {
+            "role": "authenticated",
+            "sub": str(uuid.uuid4()),
+            "app_metadata": {"client_id": str(client_id)},
+        }
     )
     as_user = {"apikey": ANON_KEY, "Authorization": f"Bearer {user}"}
     forbidden = await rest.post("/claim_steps", json={"p_limit": 1}, headers=as_user)

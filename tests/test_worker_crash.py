@@ -82,9 +82,10 @@ async def test_sigkilled_worker_loses_its_lease_and_the_row_is_retried(
     dsn: str, api: PgStateAPI, conn: Conn, worker_processes: list[subprocess.Popen[bytes]]
 ) -> None:
     await conn.execute(
-        sql.SQL("create table {} (like public.step_a_results including all)").format(
-            sql.Identifier(RESULTS)
-        )
+        sql.SQL(
+            "create table {0} (like public.step_a_results including all);"
+            " alter table {0} enable row level security"
+        ).format(sql.Identifier(RESULTS))
     )
     await conn.execute(
         "insert into enrichment_registry (step_name, modal_function_name, results_table, config)"
