@@ -89,6 +89,8 @@ class Batch(Base):
     use_cache: Mapped[bool] = mapped_column(Boolean)
     spent_usd: Mapped[Decimal] = mapped_column(Numeric)
     paused_reason: Mapped[str | None] = mapped_column(Text)
+    # Orders batches within their own tenant only (claim_steps serves tenants in turn first).
+    priority: Mapped[int] = mapped_column(Integer)
 
 
 class Provider(Base):
