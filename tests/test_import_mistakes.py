@@ -13,7 +13,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 import psycopg
 import pytest
@@ -32,36 +31,11 @@ from shared.importer import (
 )
 from shared.settings import get_settings
 from shared.steps import HANDLERS, INPUTS
+from tests.test_importer import counts, items, write
 
 Conn = psycopg.AsyncConnection[Any]
 
 NO_HEADER = "Acme Inc,acme.com\nGlobex,globex.com\nInitech,initech.com\n"
-
-
-def write(tmp_path: Path, text: str | bytes, name: str = "in.csv") -> Path:
-    path = tmp_path / name
-    if isinstance(text, str):
-        path.write_text(text, encoding="utf-8", newline="")
-    else:
-        path.write_bytes(text)
-    return path
-
-
-async def counts(conn: Conn) -> tuple[int, int, int]:
-    cur = await conn.execute(
-        "select (select count(*) from batches), (select count(*) from batch_items),"
-        " (select count(*) from workflow_states)"
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1]), int(row[2])
-
-
-async def items(conn: Conn, batch_id: UUID) -> list[dict[str, Any]]:
-    cur = await conn.execute(
-        "select raw_data from batch_items where batch_id = %s order by seq", (batch_id,)
-    )
-    return [row[0] for row in await cur.fetchall()]
 
 
 # 1. A file without a header row -------------------------------------------------------------------
