@@ -35,6 +35,7 @@ from rich.text import Text
 from shared.cli.progress import cell as progress_cell
 from shared.cli.progress import columns as progress_columns
 from shared.cli.progress import cost_line, usd_text
+from shared.cli.text import literal
 from shared.db.connect import resolve_dsn
 from shared.errors import ConfigurationError, EnrichError, InvalidInput, NotFound
 from shared.importer import (
@@ -469,13 +470,14 @@ def _print_import_report(err: Console, file: Path, report: ImportReport) -> None
     notes = [f"delimiter: {DELIMITER_NAMES.get(report.delimiter, report.delimiter)}"]
     if report.bom:
         notes.append("UTF-8 BOM stripped")
-    err.print(Text(f"{display_name(file)} ({', '.join(notes)})", style="bold"))
+    err.print(literal(f"{display_name(file)} ({', '.join(notes)})", style="bold"))
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     table.add_column("column")
     table.add_column("key")
     table.add_column("")
     for col in report.headers.columns:
-        table.add_row(col.header, col.key, "mapped" if col.mapped else "unmapped (kept as is)")
+        mapped = "mapped" if col.mapped else "unmapped (kept as is)"
+        table.add_row(literal(col.header), literal(col.key), mapped)
     err.print(table)
     for warning in report.warnings:
         err.print(Text.assemble(("warning: ", "yellow"), warning))
@@ -531,12 +533,12 @@ def batch_list(limit: int, client_id: UUID | None, as_json: bool) -> None:
         status = b["status"] + (" (cancelled)" if b["cancelled"] else "")
         table.add_row(
             b["batch_id"],
-            b["name"] or "",
+            literal(b["name"] or ""),
             Text(status, style=_STATUS_STYLE.get(b["status"], "")),
             f"{b['items']:,}",
             f"{b['completed']:,}",
             f"{b['failed']:,}",
-            ",".join(b["steps"]),
+            literal(",".join(b["steps"])),
             b["created_at"][:16].replace("T", " "),
         )
     _stdout().print(table)
