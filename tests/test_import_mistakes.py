@@ -31,6 +31,7 @@ from shared.importer import (
 )
 from shared.settings import get_settings
 from shared.steps import HANDLERS, INPUTS
+from tests.test_cli_batch import table_counts
 from tests.test_importer import counts, items, write
 
 Conn = psycopg.AsyncConnection[Any]
@@ -323,16 +324,6 @@ def db(dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 def enrich(*args: str, stdin: bytes | None = None) -> Result:
     return CliRunner().invoke(main, list(args), input=stdin, catch_exceptions=False)
-
-
-def table_counts(dsn: str) -> tuple[int, int, int]:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "select (select count(*) from batches), (select count(*) from batch_items),"
-            " (select count(*) from workflow_states)"
-        ).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1]), int(row[2])
 
 
 @pytest.mark.parametrize("command", ["batch create", "run"])
