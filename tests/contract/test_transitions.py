@@ -641,3 +641,17 @@ async def test_mark_dispatched_records_the_call_id_of_the_current_attempt(
     assert (dispatch["call_id"], dispatch["attempt"]) == ("fc-123", 1)
     assert "dispatch" not in (await state(conn, second))["meta"]
     assert (await state(conn, first))["status"] == "QUEUED"
+
+
+async def test_mark_dispatched_records_the_call_id_of_a_row_its_worker_already_finished(
+    state_api: StateAPI, conn: Conn
+) -> None:
+    # A fast worker can complete a row before the conductor learns the call id from spawn.
+    batch_id = await state_api.create_batch(TWO_STEPS, [company(0)])
+    [task] = await claim_and_start(state_api, batch_id)
+    await state_api.complete([StepResult(task, DOMAIN_RESULT)])
+
+    assert await state_api.mark_dispatched([(task, "fc-fast")]) == 1
+
+    row = await state(conn, task)
+    assert (row["status"], row["meta"]["dispatch"]["call_id"]) == ("COMPLETED", "fc-fast")
