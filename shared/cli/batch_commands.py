@@ -35,7 +35,7 @@ from rich.text import Text
 from shared.cli.progress import cell as progress_cell
 from shared.cli.progress import columns as progress_columns
 from shared.cli.progress import cost_line, usd_text
-from shared.cli.text import literal
+from shared.cli.text import literal, visible
 from shared.db.connect import resolve_dsn
 from shared.errors import ConfigurationError, EnrichError, InvalidInput, NotFound
 from shared.importer import (
@@ -92,7 +92,7 @@ def _uncut(console: Console) -> Console:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    _stderr().print(Text.assemble(("error: ", "bold red"), message))
+    _stderr().print(Text.assemble(("error: ", "bold red"), visible(message)))
     sys.exit(code)
 
 
@@ -126,7 +126,7 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     try:
         return asyncio.run(coro_fn())
     except ImportInterrupted as exc:
-        _stderr().print(Text(str(exc), style="yellow"))
+        _stderr().print(literal(str(exc), style="yellow"))
         if exc.batch_id is not None:
             click.echo(str(exc.batch_id))
         sys.exit(EXIT_INTERRUPTED)
@@ -564,7 +564,7 @@ def batch_budget(batch_id: UUID, usd: float | None, unlimited: bool) -> None:
     budget = "no budget" if state.budget_usd is None else f"budget {usd_text(state.budget_usd)}"
     err.print(f"batch {batch_id}: {budget}, {usd_text(state.spent_usd)} spent")
     if state.paused_reason:
-        err.print(Text.assemble(("still paused: ", "yellow"), state.paused_reason))
+        err.print(Text.assemble(("still paused: ", "yellow"), visible(state.paused_reason)))
     else:
         err.print(
             f"paid rows are claimed again: `enrich run --batch {batch_id}` runs them (a running "

@@ -9,6 +9,7 @@ from typing import ParamSpec, TypeVar
 
 import click
 
+from shared.cli.text import visible
 from shared.errors import EnrichError
 
 P = ParamSpec("P")
@@ -26,7 +27,7 @@ def friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except EnrichError as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+            raise click.ClickException(visible(f"{type(exc).__name__}: {exc}")) from exc
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)

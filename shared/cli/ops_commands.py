@@ -61,6 +61,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from shared.cli.batch_commands import EXIT_BAD_INPUT, _fail, _run, _stderr
+from shared.cli.text import visible
 from shared.db.connect import resolve_dsn
 from shared.errors import EnrichError, InvalidInput
 from shared.pg_state import PgStateAPI
@@ -585,9 +586,9 @@ def retry(batch_id: UUID, step: str | None) -> None:
 
     count = _run(go)
     err = _stderr()
-    where = f" at step {step}" if step else ""
+    where = visible(f" at step {step}") if step else ""
     if count == 0:
-        err.print(f"nothing to retry: batch {batch_id} has no FAILED rows{where}")
+        err.print(Text(f"nothing to retry: batch {batch_id} has no FAILED rows{where}"))
     else:
         err.print(
             Text.assemble(

@@ -49,6 +49,7 @@ from shared.cli.batch_commands import (
 from shared.cli.callbacks import blueprint_has_async_step, callback_receiver
 from shared.cli.logs import configure_cli_logging
 from shared.cli.progress import RateMeter, format_duration, print_plain, render
+from shared.cli.text import literal
 from shared.db.connect import resolve_dsn
 from shared.errors import ConfigurationError, DatabaseUnavailable
 from shared.importer import display_name, parse_steps
@@ -445,7 +446,7 @@ def run(
             Text(f"{progress.items_failed:,} item(s) failed. Most common errors:", style="red")
         )
         for row in errors:
-            err.print(f"  {row['n']:>6,} x {row['step_name']}: {row['error']}")
+            err.print(literal(f"  {row['n']:>6,} x {row['step_name']}: {row['error']}"))
         err.print(
             f"retry them with: enrich retry {target} && enrich run --batch {target}\n"
             f"export results with: enrich export {target} -o results.csv"
