@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 
 from shared.cli.text import visible
+from shared.pg_state import PgStateAPI
+from shared.state_api import StepFailure
 from tests.test_cli_batch import db, enrich  # noqa: F401  (db is a fixture)
 
 ESCAPE = "\x1b[2J"  # clears the screen when printed raw
@@ -41,3 +45,59 @@ def test_a_name_and_headers_are_printed_as_typed(db: str, tmp_path: Path) -> Non
     assert listed.exit_code == 0, listed.output
     assert ESCAPE not in listed.output
     assert "x\\x1b[2Jy[bold]z" in listed.output
+
+
+def _fail_every_row(dsn: str, batch_id: UUID, error: str) -> None:
+    async def go() -> None:
+        async with await PgStateAPI.open(dsn, max_size=1) as api:
+            claimed = [c.task for c in await api.claim(100, batch_ids=[batch_id])]
+            await api.start(claimed)
+            await api.fail([StepFailure(t, error, retryable=False) for t in claimed])
+
+    asyncio.run(go())
+
+
+def test_step_errors_in_the_run_summary_are_printed_as_typed(
+    db: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # A provider's error text is not markup: "[/x]" made Rich raise MarkupError (a traceback).
+    path = tmp_path / "companies.csv"
+    path.write_text("name,website\nAcme,acme.com\n", encoding="utf-8")
+    created = enrich("batch", "create", str(path), "--steps", "normalize_domain")
+    assert created.exit_code == 0, created.output
+    batch_id = UUID(created.stdout.strip().splitlines()[-1])
+    _fail_every_row(db, batch_id, f"HTTP 502 [/x] [red]{ESCAPE}")
+
+    resumed = enrich("run", "--batch", str(batch_id))
+
+    assert resumed.exit_code == 3, resumed.output
+    assert "HTTP 502 [/x] [red]\\x1b[2J" in resumed.output
+    assert ESCAPE not in resumed.output
+
+
+def test_retry_of_a_step_shows_its_name_as_typed(db: str, tmp_path: Path) -> None:  # noqa: F811
+    path = tmp_path / "companies.csv"
+    path.write_text("name,website\nAcme,acme.com\n", encoding="utf-8")
+    created = enrich("batch", "create", str(path), "--steps", "normalize_domain")
+    batch_id = created.stdout.strip().splitlines()[-1]
+
+    retried = enrich("retry", batch_id, "--step", f"[/x]{ESCAPE}")
+
+    assert retried.exit_code == 2, retried.output  # not a step of the batch
+    assert "[/x]\\x1b[2J" in retried.output
+    assert ESCAPE not in retried.output
+
+
+def test_an_error_naming_a_file_shows_the_name_as_typed(
+    db: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / f"bad{ESCAPE}[red].csv"
+    path.write_text("", encoding="utf-8")  # empty: refused with a message naming the file
+
+    created = enrich("batch", "create", str(path), "--steps", "normalize_domain")
+
+    assert created.exit_code == 2, created.output
+    assert "\\x1b[2J[red].csv" in created.output
+    assert ESCAPE not in created.output
