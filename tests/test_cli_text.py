@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 
+from shared.cli.logs import configure_cli_logging
 from shared.cli.text import visible
 from shared.pg_state import PgStateAPI
 from shared.state_api import StepFailure
@@ -101,3 +103,22 @@ def test_an_error_naming_a_file_shows_the_name_as_typed(
     assert created.exit_code == 2, created.output
     assert "\\x1b[2J[red].csv" in created.output
     assert ESCAPE not in created.output
+
+
+def test_log_lines_show_controls_as_typed(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    earlier = [h for h in root.handlers if h.get_name() == "enrich-cli"]  # an earlier CLI call's
+    for handler in earlier:
+        root.removeHandler(handler)
+    configure_cli_logging("INFO")  # on this test's (captured) stderr
+    try:
+        logging.getLogger("enrich.test").warning("step failed: %s", f"bad{ESCAPE}")
+    finally:
+        for handler in [h for h in root.handlers if h.get_name() == "enrich-cli"]:
+            root.removeHandler(handler)
+        for handler in earlier:
+            root.addHandler(handler)
+
+    err = capsys.readouterr().err
+    assert "warning: step failed: bad\\x1b[2J" in err
+    assert ESCAPE not in err

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from shared.cli.text import visible
+
 _HANDLER_NAME = "enrich-cli"
 
 
@@ -22,7 +24,8 @@ class _OneLine(logging.Formatter):
         self._with_tracebacks = with_tracebacks
 
     def format(self, record: logging.LogRecord) -> str:
-        message = f"{record.levelname.lower()}: {record.getMessage()}"
+        # A message may carry a provider's error or a file name: controls shown, never obeyed.
+        message = f"{record.levelname.lower()}: {visible(record.getMessage())}"
         if self._with_tracebacks and record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
         return message

@@ -204,4 +204,5 @@ def plain_line(progress: BatchProgress, meter: RateMeter, elapsed: float) -> str
 def print_plain(
     console: Console, progress: BatchProgress, meter: RateMeter, elapsed: float
 ) -> None:
-    console.print(plain_line(progress, meter, elapsed), highlight=False, soft_wrap=True)
+    line = plain_line(progress, meter, elapsed)
+    console.print(line, markup=False, highlight=False, soft_wrap=True)  # "[12s] ...": not markup
