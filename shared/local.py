@@ -23,7 +23,7 @@ import psycopg
 
 from shared.conductor import PassReport, conduct
 from shared.errors import DatabaseUnavailable
-from shared.outage import Outage
+from shared.outage import DatabaseGone, Outage
 from shared.owner import host_owners_prefix, owner_gone, process_owner
 from shared.state_api import ClaimedTask, StateAPI, TaskRef
 from shared.steps import StepHandler
@@ -119,11 +119,11 @@ class LocalDispatcher:
             self._chunks.add(runner)
             runner.add_done_callback(self._chunks.discard)
 
-    async def stop(self, timeout: float = STOP_SECONDS) -> None:
+    async def stop(self, timeout: float = STOP_SECONDS, *, quiet: bool = False) -> None:
         """Cancel running chunks: each hands back its unfinished rows and writes the verdicts it
         has. Waits at most ``timeout``: a chunk that cannot finish by then (the database is down)
         is left behind, and its rows come back when their leases expire or the next run of this
-        batch finds their holder gone."""
+        batch finds their holder gone. ``quiet``: the caller already said the database is gone."""
         chunks = set(self._chunks)
         for chunk in chunks:
             chunk.cancel()
@@ -131,8 +131,11 @@ class LocalDispatcher:
             return
         _, late = await asyncio.wait(chunks, timeout=timeout)
         if late:
-            log.warning(
-                "%d chunks did not stop within %.0fs; left to their leases", len(late), timeout
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "%d chunks did not stop within %.0fs; left to their leases",
+                len(late),
+                timeout,
             )
 
     async def _run(self, function_name: str, chunk: list[TaskRef]) -> None:
@@ -182,7 +185,9 @@ class LocalRunner:
 
     The database going away (a restart, a failover, maintenance) is ridden out: passes are retried
     with backoff while the workers keep their verdicts and write them once it is back. After
-    ``outage_seconds`` without it (None: never), ``run`` raises ``DatabaseGone``.
+    ``outage_seconds`` without it (None: never), ``run`` raises ``DatabaseGone``; at once when
+    ``stopped_by()`` says why it is gone for good (the private cluster stopped by
+    ``enrich db down``: nobody will bring it back while we wait).
     """
 
     def __init__(
@@ -199,8 +204,11 @@ class LocalRunner:
         handlers: Mapping[str, StepHandler] | None = None,
         outage_seconds: float | None = DEFAULT_OUTAGE_SECONDS,
         callback_url: Callable[[TaskRef], str] | None = None,
+        stopped_by: Callable[[], str | None] | None = None,
     ) -> None:
         self._dsn = dsn
+        self._stopped_by = stopped_by
+        self._gone: str | None = None  # why the database is gone for good, once known
         self._api = api
         self._batch_ids = list(batch_ids) if batch_ids else None
         self._claim_limit = claim_limit
@@ -261,8 +269,11 @@ class LocalRunner:
         finally:
             await cancel_and_wait(listener)
             # While the database is away there is no one to hand rows back to: do not wait for it.
-            stop_timeout = 1.0 if self.outage.ongoing else STOP_SECONDS
-            await asyncio.shield(self.dispatcher.stop(stop_timeout))
+            away = self.outage.ongoing or self._gone is not None
+            stop_timeout = 1.0 if away else STOP_SECONDS
+            await asyncio.shield(self.dispatcher.stop(stop_timeout, quiet=self._gone is not None))
+        if self._gone is not None:
+            raise DatabaseGone(self._gone)
         return self.stats
 
     async def _pass_and_check(
@@ -298,6 +309,8 @@ class LocalRunner:
         the outage has lasted too long)."""
         first = not self.outage.ongoing
         delay = self.outage.failed(exc)
+        if self._gone_for_good():
+            raise DatabaseGone(str(self._gone)) from exc
         if first:
             limit = self.outage.limit_seconds
             log.warning(
@@ -306,6 +319,13 @@ class LocalRunner:
                 f", for up to {limit:.0f}s" if limit is not None else "",
             )
         await self._sleep(delay)
+
+    def _gone_for_good(self) -> bool:
+        """Whether ``stopped_by`` says the database will not come back (then remember why)."""
+        why = self._stopped_by() if self._stopped_by is not None else None
+        if why is not None:
+            self._gone = why
+        return why is not None
 
     def _recovered(self) -> None:
         lasted = self.outage.recovered()
@@ -385,6 +405,10 @@ class LocalRunner:
             except Exception as exc:
                 # Expected while the database restarts; the passes report outages to the user.
                 self._listening.clear()
+                if self._gone_for_good():
+                    # Stopped on purpose: end now, not when a pass gives up waiting for the pool.
+                    self.stop()
+                    return
                 log.debug("lost the LISTEN connection (%s); reconnecting in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

@@ -5,10 +5,11 @@ process: the conductor loop woken by the database, a local worker pool, live pro
 SIGTERM) stops cleanly: unfinished rows go back to PENDING with no attempt used, and
 ``enrich run --batch ID`` resumes. A database restart is ridden out: the run reconnects and goes
 on; only a database gone for longer than ``ENRICH_DB_OUTAGE_SECONDS`` ends it, with one line and
-the resume command. Exit codes: 0 every item completed, 3 the batch finished with failed items,
-4 paused by its budget (nothing else left to run; raise it with ``enrich batch budget``, then
-``enrich run --batch ID``), 130 interrupted, 1/2 as the other commands (database problem / bad
-input).
+the resume command, and so does, at once, the private cluster stopped by ``enrich db down --force``
+(the next run takes back at once the rows this one held: their holder is gone). Exit codes: 0
+every item completed, 3 the batch finished with failed items, 4 paused by its budget (nothing
+else left to run; raise it with ``enrich batch budget``, then ``enrich run --batch ID``), 130
+interrupted, 1/2 as the other commands (database problem / bad input).
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ from shared.cli.logs import configure_cli_logging
 from shared.cli.progress import RateMeter, format_duration, print_plain, render
 from shared.cli.text import literal
 from shared.db.connect import resolve_dsn
-from shared.errors import ConfigurationError, DatabaseUnavailable
+from shared.db.embedded import EmbeddedPostgres
+from shared.errors import ConfigurationError, DatabaseUnavailable, EnrichError
 from shared.importer import display_name, parse_steps
 from shared.local import LocalRunner
 from shared.outage import DatabaseGone
 from shared.pg_state import PgStateAPI
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
 from shared.state_api import BatchProgress, TaskRef
 from shared.steps import PREFLIGHTS, Preflight
 from shared.steps.base import StepHandler
@@ -99,6 +101,7 @@ def _local_runner(
     batch_ids: list[UUID] | None = None,
     outage_seconds: float | None = None,
     callback_url: Callable[[TaskRef], str] | None = None,
+    stopped_by: Callable[[], str | None] | None = None,
 ) -> LocalRunner:
     """The pool sized by --concurrency: waves of at most 600 rows in chunks of at most 150, the
     sizes bench/throughput.py found to keep the hand-off short at full throughput."""
@@ -114,7 +117,28 @@ def _local_runner(
         handlers=handlers,
         outage_seconds=outage_seconds,
         callback_url=callback_url,
+        stopped_by=stopped_by,
     )
+
+
+def _cluster_stopped_by(settings: Settings) -> Callable[[], str | None] | None:
+    """For the private cluster: why it is gone for good (stopped by ``enrich db down``), if so."""
+    if settings.database_dsn is not None:
+        return None
+    cluster = EmbeddedPostgres(settings=settings)
+
+    def why() -> str | None:
+        by = cluster.stopped_by()
+        if by is None:
+            return None
+        return f"the private PostgreSQL at {cluster.home} was stopped by {by}"
+
+    return why
+
+
+def _one_line(exc: Exception) -> str:
+    """The first line of an error (libpq's messages go on with hints on further lines)."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _install_stop_handlers(runner: LocalRunner) -> None:
@@ -189,6 +213,7 @@ async def run_batch(
     console: Console,
     outage_seconds: float | None = None,
     callback_port: int = 0,
+    stopped_by: Callable[[], str | None] | None = None,
 ) -> RunOutcome:
     """Run ``batch_id`` until it finishes, a stop signal, or the database stays away too long.
     A blueprint with an ASYNC step gets a callback receiver on 127.0.0.1:``callback_port`` (0: any
@@ -210,6 +235,7 @@ async def run_batch(
             batch_ids=[batch_id],
             outage_seconds=outage_seconds,
             callback_url=callback_url,
+            stopped_by=stopped_by,
         )
         _install_stop_handlers(runner)
         started = time.monotonic()
@@ -393,6 +419,7 @@ def run(
                 console=err,
                 outage_seconds=settings.db_outage_seconds,
                 callback_port=callback_port,
+                stopped_by=_cluster_stopped_by(settings),
             )
         except ConfigurationError as exc:  # the callback port, say: the batch is safe
             raise ConfigurationError(
@@ -411,8 +438,11 @@ def run(
     target, outcome, errors = _run(go)
     resume = f"resume with: enrich run --batch {target}"
     if outcome.gone is not None:
-        err.print(Text.assemble(("error: ", "bold red"), str(outcome.gone)))
-        err.print(resume)
+        err.print(
+            Text.assemble(
+                ("error: ", "bold red"), f"{_one_line(outcome.gone)}; nothing is lost, {resume}"
+            )
+        )
         click.echo(str(target))
         sys.exit(EXIT_DATABASE_GONE)
     progress, interrupted, seconds = outcome.progress, outcome.interrupted, outcome.seconds
@@ -496,12 +526,16 @@ def serve(concurrency: int, workers: int, sweep_interval: float, callback_port: 
                 handlers,
                 sweep_interval=sweep_interval,
                 callback_url=callback_url,
+                stopped_by=_cluster_stopped_by(settings),
             )
             _install_stop_handlers(runner)
             err.print(f"serving: {workers} workers, {concurrency} rows in flight; Ctrl-C to stop")
             reporter = asyncio.create_task(_report(runner, err))
             try:
                 await runner.run()
+            except DatabaseGone as exc:
+                gone = f"{_one_line(exc)}; nothing is lost, start again with: enrich serve"
+                raise EnrichError(gone) from None
             finally:
                 reporter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -11,6 +11,17 @@ from shared.db.embedded import EmbeddedPostgres
 from shared.db.migrate import migrate
 from shared.settings import Settings, get_settings
 
+# The private clusters ``resolve_dsn`` started in this process (the CLI says at the end of a
+# command that one it started is still running).
+_started: list[EmbeddedPostgres] = []
+
+
+def take_started_clusters() -> list[EmbeddedPostgres]:
+    """The private clusters started since the last call (and forget them)."""
+    taken = list(_started)
+    _started.clear()
+    return taken
+
 
 async def resolve_dsn(settings: Settings | None = None) -> str:
     """The DSN to connect to.
@@ -25,6 +36,8 @@ async def resolve_dsn(settings: Settings | None = None) -> str:
         return external
     cluster = EmbeddedPostgres(settings=cfg)
     dsn = await asyncio.to_thread(cluster.start)
+    if cluster.started:
+        _started.append(cluster)
     await migrate(dsn)
     return dsn
 

@@ -18,6 +18,10 @@ while it runs, it keeps serving the connections it has but can accept no new one
 says so, and ``start(repair=True)`` (``enrich db up``) recreates the directory and restarts it.
 Other starts refuse with that advice rather than restart a server whose open connections may
 still be doing work.
+
+``stop()`` leaves a note (``<enrich_home>/pg.stopped``: who stopped it) until the next start, so a
+run that loses its connections can tell a deliberate ``enrich db down`` (give up now, with the
+resume command) from a restart or a crash (ride it out).
 """
 
 from __future__ import annotations
@@ -164,11 +168,14 @@ class EmbeddedPostgres:
         self.socket_dir = self.cluster_dir / "run"
         self.log_file = self.cluster_dir / "postgres.log"
         self.lock_file = self.home / "pg.lock"
+        self.stop_note = self.home / "pg.stopped"
         self.database = database
         self._configured_bin_dir = bin_dir if bin_dir is not None else cfg.pg_bin_dir
         self._bin_dir: Path | None = None
         # Set by start(repair=True) when it restarted a server that had lost its socket.
         self.restarted_because: str | None = None
+        # Set by start() when it started the server (rather than found it running).
+        self.started = False
 
     # -- public API --------------------------------------------------------------------------
 
@@ -205,6 +212,7 @@ class EmbeddedPostgres:
             auth_changed = self._write_auth_files(owner)
             if not self._is_running():
                 self._pg_ctl_start()
+                self.started = True
             elif problem is not None:
                 if not repair:
                     raise EmbeddedPostgresError(
@@ -214,23 +222,45 @@ class EmbeddedPostgres:
                     )
                 self._pg_ctl_stop()
                 self._pg_ctl_start()
+                self.started = True
                 self.restarted_because = problem
             elif auth_changed:
                 # A cluster made by an older version (trust everywhere) is tightened in place.
                 self._pg_ctl_reload()
             self._create_database()
+            self.stop_note.unlink(missing_ok=True)
         return self.dsn
 
-    def stop(self) -> bool:
-        """Stop the cluster (``pg_ctl stop -m fast``); return whether it was running."""
+    def stop(self, by: str = "`enrich db down`") -> bool:
+        """Stop the cluster (``pg_ctl stop -m fast``); return whether it was running. ``by`` (who
+        stops it) is left in ``stop_note`` for the clients that lose their connections."""
         if not self._initialized():
             return False
         self.home.mkdir(parents=True, exist_ok=True)
         with self._locked():
             if not self._is_running():
                 return False
-            self._pg_ctl_stop()
+            # Written first: a client sees its connection end only after this is on disk.
+            _write_private_file(self.stop_note, by, None)
+            try:
+                self._pg_ctl_stop()
+            except BaseException:
+                self.stop_note.unlink(missing_ok=True)
+                raise
             return True
+
+    def stopped_by(self) -> str | None:
+        """Who stopped the cluster on purpose (``stop(by=...)``), if it was not started since
+        (by ``start()``, which removes the note, or by hand: a newer ``postmaster.pid``)."""
+        try:
+            noted = self.stop_note.stat().st_mtime
+            by = self.stop_note.read_text(errors="replace").strip()
+        except OSError:
+            return None
+        with contextlib.suppress(OSError):
+            if (self.data_dir / "postmaster.pid").stat().st_mtime > noted:
+                return None
+        return by or "`enrich db down`"
 
     def status(self) -> EmbeddedStatus:
         """Whether the cluster runs (and can be reached), its postmaster pid, data dir, DSN and

@@ -96,3 +96,12 @@ order by d.ord nulls last, s.first_seq, s.key collate "C";
 -- The function the registry runs each step with (the local worker service checks spawns by it).
 select step_name, modal_function_name from public.enrichment_registry
 where step_name = any(%(step_names)s);
+
+-- name: cluster_clients
+-- Who else is connected to the server, by application name (`enrich db down` refuses to cut
+-- them off). Client backends only: not autovacuum, walwriter or pg_cron's launcher.
+select coalesce(application_name, '') as application_name, count(*) as connections
+from pg_catalog.pg_stat_activity
+where backend_type = 'client backend' and pid <> pg_catalog.pg_backend_pid()
+group by 1
+order by 1;

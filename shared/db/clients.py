@@ -1,0 +1,72 @@
+"""Who uses a database server, so ``enrich db down`` can refuse to cut them off.
+
+Every ``enrich`` command names its connections ``enrich <command> (pid N)`` (the CLI sets
+``PGAPPNAME``, which libpq reads at every connect unless the DSN names one), and ``enrich dev up``
+names its parts ``enrich dev <part>``; ``pg_stat_activity`` then tells who is connected, with the
+process to stop. Other clients (psql, an IDE) are shown by their own application name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import psycopg
+
+from shared.queries import query
+
+# libpq's environment variable for the application_name connection parameter.
+APP_NAME_ENV = "PGAPPNAME"
+CONNECT_TIMEOUT_S = 5
+_PID = re.compile(r"^enrich .*\(pid (\d+)\)$")
+
+
+def app_name(command: str, pid: int | None = None) -> str:
+    """The application name of ``enrich <command>`` run by process ``pid`` (default: this one)."""
+    return f"enrich {command} (pid {os.getpid() if pid is None else pid})"
+
+
+@dataclass(frozen=True)
+class Client:
+    """The connections of one application name."""
+
+    name: str
+    connections: int
+
+    @property
+    def pid(self) -> int | None:
+        """The process of an ``enrich`` command, from its application name."""
+        found = _PID.match(self.name)
+        return int(found.group(1)) if found else None
+
+    @property
+    def is_dev_part(self) -> bool:
+        return self.name.startswith("enrich dev ") and self.pid is None
+
+    def describe(self) -> str:
+        name = self.name or "a client without an application name"
+        return name if self.connections == 1 else f"{name} ({self.connections} connections)"
+
+
+def connected_clients(dsn: str) -> list[Client]:
+    """The other client connections of the server at ``dsn``, by application name."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        rows = conn.execute(query("cluster_clients")).fetchall()
+    return [Client(str(name), int(n)) for name, n in rows]
+
+
+def in_use_message(what: str, clients: list[Client]) -> str:
+    """One message: ``what`` is in use by whom, how to stop them, and ``--force``."""
+    ways = ["Ctrl-C where it runs"]
+    pids = [c.pid for c in clients if c.pid is not None]
+    if pids:
+        ways.append(f"`kill {' '.join(str(p) for p in pids)}`")
+    if any(c.is_dev_part for c in clients):
+        ways.append("`enrich dev down` for the enrich dev parts")
+    return (
+        f"{what} is in use by {', '.join(c.describe() for c in clients)}: stop "
+        f"{'it' if len(clients) == 1 else 'them'} first ({', '.join(ways)}), or stop it anyway "
+        "with `enrich db down --force` (a run then stops; nothing is lost, and "
+        "`enrich run --batch ID` resumes it)"
+    )
