@@ -14,19 +14,25 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Date,
-    DateTime,
-    ForeignKeyConstraint,
-    Integer,
-    Numeric,
-    Text,
-)
-from sqlalchemy import Enum as SAEnum
-from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from shared.extras import cloud_message
+
+# SQLAlchemy comes with the cloud extra (the Prefect server needs it), not the local install.
+try:
+    from sqlalchemy import (
+        BigInteger,
+        Boolean,
+        Date,
+        DateTime,
+        ForeignKeyConstraint,
+        Integer,
+        Numeric,
+        Text,
+    )
+    from sqlalchemy import Enum as SAEnum
+    from sqlalchemy.dialects.postgresql import JSONB, UUID
+    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+except ImportError:
+    raise ImportError(cloud_message("shared.models", ["sqlalchemy"])) from None
 
 
 class BatchStatus(str, enum.Enum):

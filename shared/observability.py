@@ -17,6 +17,8 @@ import logging
 import os
 from typing import Any
 
+from shared.extras import cloud_message, missing_modules
+
 log = logging.getLogger(__name__)
 
 DSN_ENV = "SENTRY_DSN"
@@ -54,6 +56,10 @@ def init_observability(component: str, **tags: str) -> bool:
         log.warning("%s is set but is not a URL: error reporting stays off", DSN_ENV)
         return False
 
+    if missing_modules("sentry_sdk"):
+        # Reporting never stops the work, so a warning (one line), not an error.
+        log.warning("%s; error reporting stays off", cloud_message(DSN_ENV, ["sentry_sdk"]))
+        return False
     import sentry_sdk
 
     if not sentry_sdk.is_initialized():

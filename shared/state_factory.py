@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from shared.db.connect import resolve_dsn
+from shared.extras import require_cloud
 from shared.pg_state import PgStateAPI
 from shared.settings import Settings, get_settings
 from shared.state_api import StateAPI
@@ -19,7 +20,9 @@ async def open_state_api(settings: Settings | None = None, *, max_size: int = 8)
     cfg = settings or get_settings()
     url, key = cfg.supabase_url, cfg.supabase_service_role_key
     if url and key is not None and key.get_secret_value():
-        # Imported here: supabase-py is heavy, and only the Supabase path needs it.
+        # Imported here: supabase-py is heavy, only the Supabase path needs it, and it comes with
+        # the cloud extra, which the local install leaves out.
+        require_cloud("the Supabase State API (SUPABASE_URL)", "supabase", "postgrest")
         from shared.supabase_state import SupabaseStateAPI
 
         return await SupabaseStateAPI.open(url, key, max_connections=max_size)

@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ def _pins(requirements: list[str]) -> dict[str, Requirement]:
 
 
 def project_pins() -> dict[str, Requirement]:
-    return _pins(PYPROJECT["project"]["dependencies"])
+    """The core dependencies and the ``cloud`` extra's (Prefect, Modal, Supabase, Sentry)."""
+    project = PYPROJECT["project"]
+    return _pins([*project["dependencies"], *project["optional-dependencies"]["cloud"]])
 
 
 def _scripts() -> list[str]:
@@ -127,3 +130,29 @@ def test_the_images_python_is_the_floor() -> None:
     command = [sys.executable, *shlex.split(guard)[1:]]  # `python` in the image
     ran = subprocess.run(command, capture_output=True, text=True, check=False)
     assert ran.returncode == (0 if sys.version_info >= (floor.major, floor.minor) else 1)
+
+
+def test_dev_installs_the_cloud_extra() -> None:
+    """`pip install -e '.[dev]'` (README, .ci/run) must bring what the cloud tests import."""
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    name = PYPROJECT["project"]["name"]
+    assert f"{name}[cloud]" in extras["dev"]
+    assert not {"prefect", "modal", "supabase", "postgrest", "sentry-sdk", "sqlalchemy"} & set(
+        _pins(PYPROJECT["project"]["dependencies"])
+    ), "a cloud SDK is back in the local install"
+
+
+def test_prefects_extras_are_pinned_with_them() -> None:
+    """pip (23.2, the venv's) picks candidates for `sqlalchemy[asyncio]`, Prefect's requirement,
+    by that requirement's specifiers alone: our `<2.1` pin spelled without `[asyncio]` made it
+    download every SQLAlchemy 2.1.x wheel before backtracking. A pin with an upper bound on a
+    package Prefect needs with extras carries those extras."""
+    ours = project_pins()
+    for line in metadata.requires("prefect") or []:
+        theirs = Requirement(line)
+        name = theirs.name.lower()
+        if theirs.marker is None and theirs.extras and name in ours:
+            capped = any(c.operator in ("<", "<=", "~=", "==") for c in ours[name].specifier)
+            assert not capped or theirs.extras <= ours[name].extras, (
+                f"pin {name} as {name}[{','.join(sorted(theirs.extras))}]"
+            )

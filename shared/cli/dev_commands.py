@@ -60,6 +60,7 @@ from shared.db.connect import resolve_dsn
 from shared.db.embedded import EmbeddedPostgres
 from shared.db.migrate import migrate
 from shared.errors import EnrichError
+from shared.extras import require_cloud
 from shared.settings import Settings, get_settings, mask_dsn
 
 HOST = "127.0.0.1"
@@ -549,6 +550,9 @@ def dev() -> None:
 @friendly_errors
 def up(home: Path | None, ui: bool, timeout: float) -> None:
     """Start every part not running yet (idempotent); print the URLs and the DSN."""
+    # Before the database is touched: the Prefect server, the conductor and the relay all run on
+    # Prefect, which the local install leaves out.
+    require_cloud("enrich dev up", "prefect")
     settings = _settings(home)
     layout = Layout(settings.enrich_home)
     began = time.monotonic()
