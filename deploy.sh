@@ -138,7 +138,12 @@ preflight() {
     done
     for cli in "${REQUIRED_CLIS[@]}"; do
         if ! command -v "$cli" >/dev/null 2>&1; then
-            problems+=("missing command $cli: install it (and run from the project's virtualenv)")
+            case "$cli" in
+                # Their CLIs come with the project's cloud extra (pyproject.toml), not its base.
+                modal | prefect)
+                    problems+=("missing command $cli: this needs the cloud extra: pip install 'enrich-orchestrator[cloud]' (and run from the project's virtualenv)") ;;
+                *) problems+=("missing command $cli: install it (and run from the project's virtualenv)") ;;
+            esac
         fi
     done
     # Checked before anything is changed: an older CLI would push the migrations, then fail at the

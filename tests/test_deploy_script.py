@@ -337,7 +337,8 @@ def test_missing_cli_is_reported(deploy: Deploy) -> None:
     result = deploy.run(hide=("supabase", "modal"))
     assert result.returncode != 0
     assert "missing command supabase" in result.stderr
-    assert "missing command modal" in result.stderr
+    assert "missing command modal: this needs the cloud extra: " in result.stderr
+    assert "pip install 'enrich-orchestrator[cloud]'" in result.stderr
     assert "missing command prefect" not in result.stderr
 
 
