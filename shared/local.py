@@ -125,6 +125,8 @@ class LocalDispatcher:
         is left behind, and its rows come back when their leases expire or the next run of this
         batch finds their holder gone. ``quiet``: the caller already said the database is gone."""
         chunks = set(self._chunks)
+        if quiet:
+            self._hush_hand_backs()
         for chunk in chunks:
             chunk.cancel()
         if not chunks:
@@ -137,6 +139,16 @@ class LocalDispatcher:
                 len(late),
                 timeout,
             )
+
+    @staticmethod
+    def _hush_hand_backs() -> None:
+        """The database is gone for good and the caller said so, with the resume command: each
+        cancelled chunk's "could not hand back N rows" would only repeat it (and the next run
+        takes those rows back at once). Left in place: the process is ending, and late chunks
+        may still log."""
+        logging.getLogger("shared.worker").addFilter(
+            lambda record: not record.getMessage().startswith("could not hand back")
+        )
 
     async def _run(self, function_name: str, chunk: list[TaskRef]) -> None:
         report = ChunkReport()
