@@ -7,6 +7,7 @@ traceback; use ``mask_dsn()`` (or ``Settings.database_url_masked``) to show it.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from functools import lru_cache
@@ -17,6 +18,7 @@ from uuid import UUID
 
 import psycopg
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigurationError
@@ -28,6 +30,15 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 # Hosts a credential may reach over plain http: this machine only (dev stand-ins, tests).
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+# What a DATABASE_URL looks like, for every message about a bad or unreachable one. Supabase
+# users paste the project's API URL (https://<ref>.supabase.co) where the database's connection
+# string belongs: name both.
+DATABASE_URL_HINT = (
+    "a valid one looks like postgresql://user:password@host:5432/postgres (for Supabase: the "
+    "connection string from the project's Connect dialog, not its https://<ref>.supabase.co API "
+    "URL)"
+)
 
 
 def default_enrich_home() -> Path:
@@ -132,6 +143,30 @@ class Settings(BaseSettings):
         description="The project's service-role key (Modal secret enrichment-supabase).",
     )
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: object) -> object:
+        # `info` means INFO: Python's logging levels are upper case, people's typing is not.
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("callback_base_url")
+    @classmethod
+    def _http_callback_base_url(cls, value: str | None) -> str | None:
+        # Providers POST to <this>/callbacks/...: anything but an http(s) URL fails only later,
+        # on every ASYNC item, at the provider's end.
+        if value:
+            try:
+                parts = urlsplit(value)
+                ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    "is not an http(s) URL: give where providers reach the callback receiver, "
+                    "e.g. https://callbacks.example.com"
+                )
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _parsable_dsn(cls, value: SecretStr | None) -> SecretStr | None:
@@ -169,16 +204,34 @@ _KV_PASSWORD = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)",
 _QUOTED = re.compile(r'"[^"]*"')
 
 
-def check_dsn(dsn: str, name: str) -> None:
-    """Raise ``ValueError`` unless libpq can parse ``dsn``; the message never quotes the DSN.
+_URL_SCHEME = re.compile(r"^\s*([A-Za-z][A-Za-z0-9+.-]*)://")
+_PG_SCHEMES = frozenset({"postgresql", "postgres"})
 
-    Parsed here, once, so a malformed URL stops at startup with a clean message instead of
+
+def check_dsn(dsn: str, name: str) -> None:
+    """Raise ``ValueError`` unless ``dsn`` is a PostgreSQL connection string libpq can parse: a
+    ``postgresql://`` (or ``postgres://``) URL or a ``key=value`` string. The message says what a
+    valid one looks like and never quotes the DSN.
+
+    Checked here, once, so a malformed URL stops at startup with a clean message instead of
     reaching psycopg's pool, which logs libpq's error (quoting the bad token, often the password)
-    on every reconnect attempt.
+    on every reconnect attempt. The scheme is checked first: libpq reads anything without a
+    postgresql:// prefix as key=value text, so a pasted https:// URL gets "missing '=' after ...".
     """
+    scheme = _URL_SCHEME.match(dsn)
+    if scheme is not None and scheme.group(1).lower() not in _PG_SCHEMES:
+        raise ValueError(
+            f"{name} is an {scheme.group(1).lower()}:// URL, not a PostgreSQL connection string: "
+            f"{DATABASE_URL_HINT}"
+        )
     try:
         psycopg.conninfo.conninfo_to_dict(dsn)
     except psycopg.Error as exc:
+        if scheme is None:  # neither a URL nor key=value text: "missing "=" after ..."
+            raise ValueError(
+                f"{name} is neither a postgresql:// URL nor key=value connection text: "
+                f"{DATABASE_URL_HINT}"
+            ) from None
         reason = _QUOTED.sub('"***"', str(exc).strip().splitlines()[0] if str(exc) else "")
         raise ValueError(
             f"{name} is not a valid PostgreSQL connection string ({reason}); in a URL, "
@@ -233,16 +286,84 @@ def mask_dsn(dsn: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+# What a valid value of each typed setting looks like, for the message about a bad one (pydantic's
+# own says "Input should be a valid UUID, invalid character: found `m` at 2", quoting the value).
+VALID_VALUES = {
+    "client_id": "a UUID such as 123e4567-e89b-12d3-a456-426614174000 (the tenant's id)",
+    "db_outage_seconds": "a number of seconds greater than 0, such as 300",
+    "log_level": "one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+    "enrich_home": "a directory path",
+    "pg_bin_dir": "the directory holding initdb, pg_ctl and postgres",
+}
+
+
+def _field_of(variable: str) -> str | None:
+    """The Settings field an environment variable (one of its aliases) sets."""
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        if any(str(c).lower() == variable.lower() for c in choices) or name == variable:
+            return name
+    return None
+
+
+def describe_error(error: ErrorDetails) -> str:
+    """``VARIABLE: what is wrong`` for one pydantic error, naming what a valid value is and never
+    quoting the value (``hide_input_in_errors`` keeps pydantic's part clean of it too)."""
+    variable = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "value_error":  # one of our validators: its message says it all
+        text = str(error.get("ctx", {}).get("error", error["msg"]))
+        return f"{variable}: {text.removeprefix(variable + ' ')}"
+    field = _field_of(variable)
+    valid = VALID_VALUES.get(field) if field is not None else None
+    return f"{variable}: must be {valid}" if valid else f"{variable}: {error['msg']}"
+
+
+def ensure_home(path: Path) -> Path:
+    """Create ``ENRICH_HOME`` (and its parents) unless it exists; return it.
+
+    A ConfigurationError naming ENRICH_HOME, the path and the reason when it cannot be used: a
+    file where a directory belongs, no permission, a file system that holds no files (/proc).
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise home_error(path, exc) from None
+    # Root passes every permission check, but then the first file written says it (home_error).
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise home_error(path, PermissionError(errno.EACCES, "Permission denied", str(path)))
+    return path
+
+
+def home_error(home: Path, exc: OSError) -> ConfigurationError:
+    """The one-line ConfigurationError for ``exc``, raised while making or writing in ``home``."""
+    where = Path(exc.filename) if isinstance(exc.filename, str) else home
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        blocker = next((p for p in (home, *home.parents) if p.exists() and not p.is_dir()), where)
+        reason = f"{blocker} is a file, not a directory"
+    elif exc.errno == errno.ENOENT and where.parent.is_dir():
+        # ENOENT with the parent there: a virtual file system refusing new files.
+        reason = f"cannot create {where}: its file system (like /proc or /sys) holds no such file"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        verb = "write in" if where.is_dir() else "create"
+        reason = f"no permission to {verb} {where}"
+    elif exc.errno == errno.EROFS:
+        reason = f"{where} is on a read-only file system"
+    else:
+        reason = f"cannot create or write {where}: {exc.strerror or exc}"
+    return ConfigurationError(
+        f"ENRICH_HOME={home} cannot be used: {reason}; set ENRICH_HOME to a directory you can "
+        f"write (unset, it is {default_enrich_home()})"
+    )
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process's settings, read from the environment once (``get_settings.cache_clear()`` to
-    re-read, e.g. in tests). A bad value is a ConfigurationError naming the variable and what is
-    wrong with it, never echoing the value (it may be a secret)."""
+    re-read, e.g. in tests). A bad value is a ConfigurationError naming the variable and what a
+    valid one is, never echoing the value (it may be a secret)."""
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
-            for error in exc.errors()
-        )
+        problems = "; ".join(describe_error(error) for error in exc.errors())
         raise ConfigurationError(f"bad setting: {problems}") from None
