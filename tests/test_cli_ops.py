@@ -48,6 +48,7 @@ RESULT_B0 = {
     "none": None,
 }
 
+# JSON lines: every input and result key, JSON typed.
 COLUMNS = [
     "name",
     "website",
@@ -68,30 +69,61 @@ COLUMNS = [
     "step_b.result.status",
     "step_b.tags",
 ]
-_ = ""
-NOT_REACHED = [_] * 8  # step_b: status, error and six result columns
-CSV_ROWS = [
-    # item 0: both steps completed, with results
-    [
-        *["Acme, Inc.", "acme.com", _, _, _],
-        *["COMPLETED", _, "a,b", "0", _],
-        *["COMPLETED", _, '{"k": "v", "n": 1}', _, "true", "0.5", "verified", '["x", "y"]'],
-    ],
-    # item 1: step_a FAILED (terminal), so step_b never reached
-    [
-        *["Zürich Ünïcødé 株式会社", "zurich.ch", "only here", _, _],
-        *["FAILED", ERROR, _, _, _],
-        *NOT_REACHED,
-    ],
-    # item 2: step_a completed, step_b running
-    [
-        *['He said "hi"\nsecond line', "q.io", _, "12", _],
-        *["COMPLETED", _, _, "5", "Zürich"],
-        *["IN_PROGRESS", *[_] * 7],
-    ],
-    # item 3: still waiting for step_a
-    [*[_, "d.com", _, _, '["x", "y"]'], *["PENDING", _, _, _, _], *NOT_REACHED],
+# CSV: the same inputs, the item id, then per step readable names; the shells declare no
+# outputs, so their result keys are shown.
+SHEET_COLUMNS = [
+    "name",
+    "website",
+    "extra",
+    "employees",
+    "tags",
+    "item_id",
+    "step_a: status",
+    "step_a: error",
+    "step_a: note",
+    "step_a: slept_ms",
+    "step_a: city",
+    "step_b: status",
+    "step_b: error",
+    "step_b: detail",
+    "step_b: none",
+    "step_b: ok",
+    "step_b: score",
+    "step_b: result status",
+    "step_b: tags",
 ]
+_ = ""
+ERROR_LINE = 'boom: "quoted", comma newline'  # a CSV cell holds the error on one line
+NOT_REACHED = ["not reached", *[_] * 7]  # step_b: status, error and six result columns
+
+
+def csv_rows(ids: Sequence[UUID]) -> list[list[str]]:
+    return [
+        # item 0: both steps completed, with results: no JSON in a cell
+        [
+            *["Acme, Inc.", "acme.com", _, _, _, str(ids[0])],
+            *["completed", _, "a,b", "0", _],
+            *["completed", _, "k: v; n: 1", _, "true", "0.5", "verified", "x; y"],
+        ],
+        # item 1: step_a FAILED (terminal), so step_b never reached
+        [
+            *["Zürich Ünïcødé 株式会社", "zurich.ch", "only here", _, _, str(ids[1])],
+            *["failed", ERROR_LINE, _, _, _],
+            *NOT_REACHED,
+        ],
+        # item 2: step_a completed, step_b running
+        [
+            *['He said "hi"\nsecond line', "q.io", _, "12", _, str(ids[2])],
+            *["completed", _, _, "5", "Zürich"],
+            *["running", *[_] * 7],
+        ],
+        # item 3: still waiting for step_a
+        [
+            *[_, "d.com", _, _, "x; y", str(ids[3])],
+            *["pending", _, _, _, _],
+            *NOT_REACHED,
+        ],
+    ]
 
 
 @dataclass(frozen=True)
@@ -122,7 +154,7 @@ def item_ids(dsn: str, batch_id: UUID) -> list[UUID]:
 
 
 async def _drive(dsn: str) -> Seeded:
-    """Four items through step_a, step_b: see CSV_ROWS for where each one ends up."""
+    """Four items through step_a, step_b: see csv_rows for where each one ends up."""
     api = await PgStateAPI.open(dsn, min_size=1, max_size=1)
     async with api:
         batch_id = await api.create_batch(["step_a", "step_b"], ITEMS, name="ops")
@@ -195,18 +227,19 @@ def test_export_csv_columns_and_values_exact(seeded: Seeded, tmp_path: Path) -> 
     result = enrich("export", str(seeded.batch_id), "-o", str(out))
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
-    assert f"exported 4 row(s) x {len(COLUMNS)} column(s)" in result.stderr
+    assert f"exported 4 row(s) x {len(SHEET_COLUMNS)} column(s)" in result.stderr
     assert str(out) in result.stderr
     text = out.read_text(encoding="utf-8")
     rows = read_csv(text)
-    assert rows[0] == COLUMNS
-    assert rows[1:] == CSV_ROWS
-    # The raw text: one header line, quoting only where needed, embedded newlines kept.
-    assert text.splitlines()[0] == ",".join(COLUMNS)
-    assert '"Acme, Inc.",acme.com,,,,COMPLETED,,"a,b",0,,COMPLETED,' in text
+    assert rows[0] == SHEET_COLUMNS
+    assert rows[1:] == csv_rows(seeded.item_ids)
+    # The raw text: one header line, quoting only where needed, embedded newlines kept; a row
+    # with a joined list ("; ") is fully quoted, as any row holding a ';'.
+    assert text.splitlines()[0] == ",".join(SHEET_COLUMNS)
+    assert '"Acme, Inc.","acme.com","","","",' in text
     assert '"He said ""hi""\nsecond line",q.io,,12,' in text
-    assert '"boom: ""quoted"", comma\nnewline"' in text
-    assert '"{""k"": ""v"", ""n"": 1}"' in text
+    assert ',failed,"boom: ""quoted"", comma newline",' in text
+    assert "{" not in text
     assert "\r" not in text
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temporary file left
 
@@ -274,13 +307,14 @@ def test_export_to_stdout(seeded: Seeded, tmp_path: Path) -> None:
 def test_export_status_filter(seeded: Seeded) -> None:
     completed = enrich("export", str(seeded.batch_id), "-o", "-", "--status", "completed")
     assert completed.exit_code == 0, completed.stderr
-    assert read_csv(completed.stdout) == [COLUMNS, CSV_ROWS[0]]
+    expected = csv_rows(seeded.item_ids)
+    assert read_csv(completed.stdout) == [SHEET_COLUMNS, expected[0]]
     assert "exported 1 row(s) (completed items)" in completed.stderr
     failed = enrich("export", str(seeded.batch_id), "-o", "-", "--status", "failed")
     assert failed.exit_code == 0, failed.stderr
-    assert read_csv(failed.stdout) == [COLUMNS, CSV_ROWS[1]]
+    assert read_csv(failed.stdout) == [SHEET_COLUMNS, expected[1]]
     everything = enrich("export", str(seeded.batch_id), "-o", "-", "--status", "all")
-    assert read_csv(everything.stdout) == [COLUMNS, *CSV_ROWS]
+    assert read_csv(everything.stdout) == [SHEET_COLUMNS, *expected]
     bad = enrich("export", str(seeded.batch_id), "-o", "-", "--status", "running")
     assert bad.exit_code == 2
     assert "'running' is not one of" in bad.stderr
@@ -295,10 +329,18 @@ def test_export_input_order_and_first_seen_keys(db: str) -> None:
     result = enrich("export", str(batch_id), "-o", "-")
     assert result.exit_code == 0, result.stderr
     rows = read_csv(result.stdout)
-    assert rows[0] == ["n", "zz", "c_mid", "b_late", "step_a.status", "step_a.error"]
+    assert rows[0] == ["n", "zz", "c_mid", "b_late", "item_id", "step_a: status", "step_a: error"]
     assert [r[0] for r in rows[1:]] == [f"item-{99 - i:02d}" for i in range(60)]
-    assert rows[6] == ["item-94", "5", "first seen at row 5", "", "PENDING", ""]
-    assert rows[11] == ["item-89", "10", "", "first seen at row 10", "PENDING", ""]
+    assert [r[4] for r in rows[1:]] == [str(i) for i in item_ids(db, batch_id)]
+    assert rows[6][:4] + rows[6][5:] == ["item-94", "5", "first seen at row 5", "", "pending", ""]
+    assert rows[11][:4] + rows[11][5:] == [
+        "item-89",
+        "10",
+        "",
+        "first seen at row 10",
+        "pending",
+        "",
+    ]
 
 
 def test_export_step_without_results_table(db: str) -> None:
@@ -310,9 +352,17 @@ def test_export_step_without_results_table(db: str) -> None:
     batch_id = create_batch(db, ["notify_only", "step_a"], [{"name": "Acme"}])
     result = enrich("export", str(batch_id), "-o", "-")
     assert result.exit_code == 0, result.stderr
+    (item_id,) = item_ids(db, batch_id)
     assert read_csv(result.stdout) == [
-        ["name", "notify_only.status", "notify_only.error", "step_a.status", "step_a.error"],
-        ["Acme", "PENDING", "", "", ""],
+        [
+            "name",
+            "item_id",
+            "notify_only: status",
+            "notify_only: error",
+            "step_a: status",
+            "step_a: error",
+        ],
+        ["Acme", str(item_id), "pending", "", "not reached", ""],
     ]
 
 
@@ -337,7 +387,7 @@ def test_export_replaces_a_file_only_on_success(seeded: Seeded, tmp_path: Path) 
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
     result = enrich("export", str(seeded.batch_id), "-o", str(out))
     assert result.exit_code == 0, result.stderr
-    assert read_csv(out.read_text(encoding="utf-8"))[0] == COLUMNS
+    assert read_csv(out.read_text(encoding="utf-8"))[0] == SHEET_COLUMNS
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
 
 
@@ -419,10 +469,10 @@ def test_cancel_then_resume_with_retry(seeded: Seeded, db: str) -> None:
     exported = enrich("export", str(seeded.batch_id), "-o", "-", "--status", "failed")
     assert exported.exit_code == 0, exported.stderr
     rows = read_csv(exported.stdout)
-    assert [(r[1], r[5], r[6], r[10], r[11]) for r in rows[1:]] == [
-        ("zurich.ch", "FAILED", ERROR, "", ""),
-        ("q.io", "COMPLETED", "", "FAILED", "cancelled"),
-        ("d.com", "FAILED", "cancelled", "", ""),
+    assert [(r[1], r[6], r[7], r[11], r[12]) for r in rows[1:]] == [
+        ("zurich.ch", "failed", ERROR_LINE, "not reached", ""),
+        ("q.io", "completed", "", "failed", "cancelled"),
+        ("d.com", "failed", "cancelled", "not reached", ""),
     ]
 
     again = enrich("cancel", str(seeded.batch_id))
@@ -479,7 +529,7 @@ def test_export_to_a_closed_pipe_exits_quietly(db: str) -> None:
         env=env,
     )
     assert proc.stdout is not None and proc.stderr is not None
-    assert proc.stdout.readline() == b"name,step_a.status,step_a.error\n"
+    assert proc.stdout.readline() == b"name,item_id,step_a: status,step_a: error\n"
     proc.stdout.close()
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 1
@@ -497,5 +547,14 @@ def test_export_keeps_the_csv_column_order(db: str, tmp_path: Path) -> None:
 
     assert result.exit_code == 0, result.stderr
     rows = read_csv(result.stdout)
-    assert rows[0] == ["zeta", "alpha", "website", "middle", "step_a.status", "step_a.error"]
-    assert rows[1] == ["z1", "a1", "acme.com", "m1", "PENDING", ""]
+    # The file's own header names, as typed, in its order.
+    assert rows[0] == [
+        "Zeta",
+        "Alpha",
+        "Website",
+        "Middle",
+        "item_id",
+        "step_a: status",
+        "step_a: error",
+    ]
+    assert rows[1][:4] + rows[1][5:] == ["z1", "a1", "acme.com", "m1", "pending", ""]

@@ -457,15 +457,16 @@ async def test_status_and_export_show_skipped_and_cached_rows(
         assert word in shown_80.split()
 
     out = tmp_path / "out.csv"
-    exported = await enrich("export", str(batch_id), "-o", str(out))
+    exported = await enrich("export", str(batch_id), "-o", str(out), "--all-columns")
     assert exported.exit_code == 0, exported.output
     rows = {r["name"]: r for r in csv.DictReader(out.open(encoding="utf-8"))}
-    assert rows["Nowhere Ltd"]["exa_verify.status"] == "SKIPPED"
-    assert rows["Nowhere Ltd"]["exa_verify.skipped"] == "no normalize_domain.domain"
-    assert rows["Dune Networks"]["exa_verify.status"] == "COMPLETED"
-    assert json.loads(rows["Dune Networks"]["exa_verify.cached_from"])["batch_id"] != str(batch_id)
-    assert rows["Oak Networks"]["exa_verify.cached_from"] == ""  # paid for in this batch
-    assert rows["Oak Networks"]["exa_verify.verified"] == "true"
+    assert rows["Nowhere Ltd"]["exa_verify: status"] == "skipped (no normalize_domain.domain)"
+    assert rows["Dune Networks"]["exa_verify: status"] == "completed"
+    cached = json.loads(rows["Dune Networks"]["exa_verify: result (JSON)"])["cached_from"]
+    assert cached["batch_id"] != str(batch_id)
+    paid = json.loads(rows["Oak Networks"]["exa_verify: result (JSON)"])
+    assert "cached_from" not in paid  # paid for in this batch
+    assert rows["Oak Networks"]["exa_verify: verified"] == "true"
 
 
 # Tenancy in the database -------------------------------------------------------------------------

@@ -101,4 +101,4 @@ async def test_export_says_awaiting_callback(
 
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(out.open()))
-    assert sorted(r["later.status"] for r in rows) == ["AWAITING_CALLBACK", "IN_PROGRESS"]
+    assert sorted(r["later: status"] for r in rows) == ["awaiting callback", "running"]

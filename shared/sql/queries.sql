@@ -62,9 +62,10 @@ select batch_id, item_id, step_name, attempt, outcome from public.release_steps(
 select public.mark_dispatched(%(dispatches)s) as marked;
 
 -- name: export_steps
--- The blueprint of a batch in order, each step with its results table (null: no result columns).
+-- The blueprint of a batch in order, each step with its results table (null: no result columns),
+-- and its function and config (which say what its result holds: shared/step_outputs.py).
 -- require_batch raises P0002 for an unknown batch.
-select bp.step_name, r.results_table, b.item_count
+select bp.step_name, r.results_table, b.item_count, r.modal_function_name, r.config
 from public.require_batch(%(batch_id)s) b
 cross join lateral jsonb_array_elements_text(b.blueprint) with ordinality as bp(step_name, ord)
 left join public.enrichment_registry r on r.step_name = bp.step_name
@@ -91,6 +92,11 @@ with declared as (
 select s.key
 from seen s left join declared d on d.key = s.key
 order by d.ord nulls last, s.first_seq, s.key collate "C";
+
+-- name: export_headers
+-- The CSV's own header names, {header: key}, as the import recorded them (null for a batch made
+-- by SQL or Studio).
+select meta -> 'source' -> 'columns' from public.batches where id = %(batch_id)s;
 
 -- name: step_functions
 -- The function the registry runs each step with (the local worker service checks spawns by it).
