@@ -42,13 +42,14 @@ import psycopg
 from psycopg import sql
 
 from shared.errors import EmbeddedPostgresError
-from shared.settings import Settings, get_settings
+from shared.settings import Settings, ensure_home, get_settings, home_error
 
 DEFAULT_DATABASE = "enrich"
 SUPERUSER = "postgres"
 PORT = 5432
 SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
 INSTALL_HINT = "install the PostgreSQL server, e.g. `apt-get install postgresql`"
+RESTART_ADVICE = "restart it with `enrich db down && enrich db up` (`enrich db up` alone does too)"
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 START_TIMEOUT_S = 60
@@ -202,7 +203,7 @@ class EmbeddedPostgres:
         ``restarted_because`` then says why); without it, that is an ``EmbeddedPostgresError``.
         """
         self._check_socket_path()
-        self.home.mkdir(parents=True, exist_ok=True)
+        ensure_home(self.home)
         with self._locked():
             owner = self._owner()
             problem = self._socket_problem() if self._initialized() else None
@@ -224,6 +225,18 @@ class EmbeddedPostgres:
                 self._pg_ctl_start()
                 self.started = True
                 self.restarted_because = problem
+            elif (changed := self._binaries_problem()) is not None:
+                # Safe to restart only at the operator's word (`enrich db up`): every new
+                # connection fails anyway, and enrich's own runs ride out a restart.
+                if not repair or not self._same_major():
+                    raise EmbeddedPostgresError(
+                        f"the private cluster runs (pid {self._postmaster_pid()}) but {changed}"
+                        + ("" if "pg_upgrade" in changed else f"; {RESTART_ADVICE}")
+                    )
+                self._pg_ctl_stop()
+                self._pg_ctl_start()
+                self.started = True
+                self.restarted_because = changed
             elif auth_changed:
                 # A cluster made by an older version (trust everywhere) is tightened in place.
                 self._pg_ctl_reload()
@@ -236,7 +249,7 @@ class EmbeddedPostgres:
         stops it) is left in ``stop_note`` for the clients that lose their connections."""
         if not self._initialized():
             return False
-        self.home.mkdir(parents=True, exist_ok=True)
+        ensure_home(self.home)
         with self._locked():
             if not self._is_running():
                 return False
@@ -287,7 +300,7 @@ class EmbeddedPostgres:
             dsn=self.dsn,
             version=self._version(bin_dir),
             bin_dir=bin_dir,
-            problem=self._socket_problem() if running else None,
+            problem=(self._socket_problem() or self._binaries_problem()) if running else None,
         )
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
@@ -314,9 +327,7 @@ class EmbeddedPostgres:
             # O_NOFOLLOW: a planted symlink must not make us create or lock another file.
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
-            raise EmbeddedPostgresError(
-                f"cannot open the lock file {self.lock_file}: {exc}"
-            ) from exc
+            raise home_error(self.home, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -440,6 +451,46 @@ class EmbeddedPostgres:
             return f"its socket {socket} is gone"
         return None
 
+    def _binaries_problem(self) -> str | None:
+        """Why a running server fails every new connection though it takes them: its package
+        was upgraded under it (it runs the old binary, deleted, but each backend loads the new
+        plpgsql.so: "undefined symbol"); or None.
+
+        Told by the version the server reports against ``postgres --version`` on disk.
+        """
+        if self._postmaster_state() != "ready":
+            return None
+        on_disk = self._version(self.bin_dir)
+        wanted = version_number(on_disk)
+        try:
+            with psycopg.connect(self.dsn_for("postgres"), connect_timeout=5) as conn:
+                running = conn.info.server_version
+        except psycopg.Error:
+            return None  # unreachable: the socket check or the start says why
+        if wanted is None or running == wanted:
+            return None
+        problem = (
+            f"the PostgreSQL binaries changed under it (a package upgrade): it runs "
+            f"{running // 10000}.{running % 10000}, {self.bin_dir} now holds {on_disk}, so new "
+            "connections cannot load its libraries"
+        )
+        if running // 10000 != wanted // 10000:
+            major = running // 10000
+            problem += (
+                f"; its PostgreSQL {major} server is gone from disk: reinstall it (e.g. `apt-get "
+                f"install postgresql-{major}`) or upgrade the cluster (pg_upgrade)"
+            )
+        return problem
+
+    def _same_major(self) -> bool:
+        """Whether the binaries on disk can run this data directory (its ``PG_VERSION``)."""
+        on_disk = version_number(self._version(self.bin_dir))
+        try:
+            major = int((self.data_dir / "PG_VERSION").read_text().strip())
+        except (OSError, ValueError):
+            return False
+        return on_disk is not None and on_disk // 10000 == major
+
     def _postmaster_state(self) -> str | None:
         """The status line of ``postmaster.pid`` (``ready``, ``starting``, ``stopping``...)."""
         try:
@@ -540,6 +591,12 @@ class EmbeddedPostgres:
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip().removeprefix("postgres (PostgreSQL) ") or None
+
+
+def version_number(version: str | None) -> int | None:
+    """``15.18 (Debian 15.18-0+deb12u1)`` as libpq's number, 150018 (PostgreSQL 10 and later)."""
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    return int(match.group(1)) * 10000 + int(match.group(2)) if match else None
 
 
 # Files and directories of the cluster ----------------------------------------------------------
