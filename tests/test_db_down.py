@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psycopg
 
+from shared.cli.dev_commands import Layout, start_process
+from shared.db.clients import Client, in_use_message
 from tests.conftest import wait_for
 from tests.test_run_faults import (
     ENRICH,
@@ -134,7 +138,8 @@ def test_db_down_names_other_clients(cluster: Cluster) -> None:
     with psycopg.connect(cluster.dsn, autocommit=True, application_name="psql"):
         refused = enrich(cluster, "db", "down")
         assert refused.returncode == 1
-        assert "is in use by psql: stop it first" in refused.stderr, refused.stderr
+        expected = "is in use by psql: stop it first (close the other sessions)"
+        assert expected in refused.stderr, refused.stderr
     assert enrich(cluster, "db", "down").returncode == 0
     assert not cluster.pg.status().running
 
@@ -159,3 +164,28 @@ def test_the_stop_note_lasts_until_the_next_start(cluster: Cluster) -> None:
     assert cluster.pg.stopped_by() == "a test"
     cluster.pg.start()
     assert cluster.pg.stopped_by() is None
+
+
+def test_the_message_says_how_to_stop_each_kind_of_client() -> None:
+    message = in_use_message(
+        "the private PostgreSQL at /h",
+        [
+            Client("enrich run (pid 42)", 3),
+            Client("enrich dev workers", 2),
+            Client("enrich-relay", 1),
+            Client("", 1),
+        ],
+    )
+    assert message.startswith(
+        "the private PostgreSQL at /h is in use by enrich run (pid 42) (3 connections), "
+        "enrich dev workers (2 connections), enrich-relay, a client without an application name: "
+        "stop them first (Ctrl-C where it runs, or `kill 42`; `enrich dev down` for the enrich "
+        "dev parts; close the other sessions), or stop it anyway with `enrich db down --force`"
+    ), message
+
+
+def test_enrich_dev_parts_name_their_connections(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    argv = [sys.executable, "-c", "import os; print('name=' + os.environ['PGAPPNAME'])"]
+    start_process(layout, "workers", argv, {"PATH": os.environ["PATH"]}).wait(30)
+    assert "name=enrich dev workers" in layout.log_file("workers").read_text()

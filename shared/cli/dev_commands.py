@@ -56,6 +56,7 @@ import httpx
 import psycopg
 
 from shared.cli.errors import friendly_errors
+from shared.db.clients import APP_NAME_ENV
 from shared.db.connect import resolve_dsn
 from shared.db.embedded import EmbeddedPostgres
 from shared.db.migrate import migrate
@@ -286,7 +287,8 @@ def start_process(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=dict(env),
+            # Named in pg_stat_activity, so `enrich db down` can say what `enrich dev down` stops.
+            env={**env, APP_NAME_ENV: f"enrich dev {part}"},
             cwd=layout.dir,
             start_new_session=True,
         )

@@ -42,7 +42,10 @@ class Client:
 
     @property
     def is_dev_part(self) -> bool:
-        return self.name.startswith("enrich dev ") and self.pid is None
+        """A part of ``enrich dev up`` (the relay names its connection itself)."""
+        return self.pid is None and (
+            self.name.startswith("enrich dev ") or self.name == "enrich-relay"
+        )
 
     def describe(self) -> str:
         name = self.name or "a client without an application name"
@@ -58,15 +61,17 @@ def connected_clients(dsn: str) -> list[Client]:
 
 def in_use_message(what: str, clients: list[Client]) -> str:
     """One message: ``what`` is in use by whom, how to stop them, and ``--force``."""
-    ways = ["Ctrl-C where it runs"]
+    ways = []
     pids = [c.pid for c in clients if c.pid is not None]
     if pids:
-        ways.append(f"`kill {' '.join(str(p) for p in pids)}`")
+        ways.append(f"Ctrl-C where it runs, or `kill {' '.join(str(p) for p in pids)}`")
     if any(c.is_dev_part for c in clients):
         ways.append("`enrich dev down` for the enrich dev parts")
+    if any(c.pid is None and not c.is_dev_part for c in clients):
+        ways.append("close the other sessions")
     return (
         f"{what} is in use by {', '.join(c.describe() for c in clients)}: stop "
-        f"{'it' if len(clients) == 1 else 'them'} first ({', '.join(ways)}), or stop it anyway "
+        f"{'it' if len(clients) == 1 else 'them'} first ({'; '.join(ways)}), or stop it anyway "
         "with `enrich db down --force` (a run then stops; nothing is lost, and "
         "`enrich run --batch ID` resumes it)"
     )
