@@ -189,3 +189,14 @@ def test_enrich_dev_parts_name_their_connections(tmp_path: Path) -> None:
     argv = [sys.executable, "-c", "import os; print('name=' + os.environ['PGAPPNAME'])"]
     start_process(layout, "workers", argv, {"PATH": os.environ["PATH"]}).wait(30)
     assert "name=enrich dev workers" in layout.log_file("workers").read_text()
+
+
+def test_dev_down_all_leaves_the_cluster_to_other_clients(cluster: Cluster) -> None:
+    with psycopg.connect(cluster.dsn, autocommit=True, application_name="psql"):
+        refused = enrich(cluster, "dev", "down", "--all", "--home", str(cluster.home))
+        assert refused.returncode == 1
+        assert "is in use by psql" in refused.stderr, refused.stderr
+        assert cluster.pg.status().running
+    stopped = enrich(cluster, "dev", "down", "--all", "--home", str(cluster.home))
+    assert stopped.returncode == 0, stopped.stderr
+    assert not cluster.pg.status().running

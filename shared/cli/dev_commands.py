@@ -56,7 +56,7 @@ import httpx
 import psycopg
 
 from shared.cli.errors import friendly_errors
-from shared.db.clients import APP_NAME_ENV
+from shared.db.clients import APP_NAME_ENV, clients_left, in_use_message
 from shared.db.connect import resolve_dsn
 from shared.db.embedded import EmbeddedPostgres
 from shared.db.migrate import migrate
@@ -671,10 +671,29 @@ def down(home: Path | None, stop_all: bool, timeout: float) -> None:
         if stop_all:
             if settings.database_dsn is not None:
                 _info("database: DATABASE_URL is set, nothing to stop")
-            elif EmbeddedPostgres(settings=settings).stop():
+                return
+            cluster = EmbeddedPostgres(settings=settings)
+            _refuse_if_others_use(cluster)
+            if cluster.stop(by="`enrich dev down --all`"):
                 _info("database: private cluster stopped")
             else:
                 _info("database: private cluster was not running")
+
+
+def _refuse_if_others_use(cluster: EmbeddedPostgres) -> None:
+    """``--all`` stops the parts, not an ``enrich run`` or a psql session also using the cluster:
+    those make it refuse, as ``enrich db down`` does."""
+    if not cluster.status().reachable:
+        return
+    try:
+        others = clients_left(cluster.dsn_for("postgres"), lambda c: c.is_dev_part)
+    except psycopg.OperationalError:
+        return  # nobody can connect: nobody to cut off
+    if others:
+        raise DevError(
+            f"{in_use_message(f'the private PostgreSQL at {cluster.home}', others)}; the enrich "
+            "dev parts are stopped"
+        )
 
 
 @dev.command("status")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -57,6 +59,17 @@ def connected_clients(dsn: str) -> list[Client]:
     with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
         rows = conn.execute(query("cluster_clients")).fetchall()
     return [Client(str(name), int(n)) for name, n in rows]
+
+
+def clients_left(dsn: str, leaving: Callable[[Client], bool], timeout: float = 5.0) -> list[Client]:
+    """The clients still connected once those ``leaving`` (processes just stopped) are gone: a
+    backend outlives its client by a moment, so wait up to ``timeout`` for theirs to exit."""
+    deadline = time.monotonic() + timeout
+    while True:
+        clients = connected_clients(dsn)
+        if not any(leaving(c) for c in clients) or time.monotonic() > deadline:
+            return [c for c in clients if not leaving(c)]
+        time.sleep(0.05)
 
 
 def in_use_message(what: str, clients: list[Client]) -> str:
