@@ -30,7 +30,9 @@ def main(ctx: click.Context) -> None:
     """Data-enrichment orchestrator: PostgreSQL is the source of truth."""
     _name_connections(ctx)
     take_started_clusters()  # only what this command starts is reported at its end
-    ctx.call_on_close(_say_cluster_left_running)
+    # `enrich dev up` leaves the parts running too: `enrich dev down --all` stops them all.
+    stop = "enrich dev down --all" if ctx.invoked_subcommand == "dev" else "enrich db down"
+    ctx.call_on_close(lambda: _say_cluster_left_running(stop))
     # Read the settings once, here: a bad variable is one line and exit 2, before any command
     # does anything, rather than a traceback from whichever command reads them first.
     try:
@@ -55,13 +57,13 @@ def _name_connections(ctx: click.Context) -> None:
     ctx.call_on_close(restore)
 
 
-def _say_cluster_left_running() -> None:
+def _say_cluster_left_running(stop: str) -> None:
     """Once, at the end of a command that started the private cluster: it is still running."""
     for cluster in take_started_clusters():
         if cluster.status().running:
             click.echo(
                 f"the private PostgreSQL at {cluster.home} stays running for the next command; "
-                "stop it with `enrich db down`",
+                f"stop it with `{stop}`",
                 err=True,
             )
 
