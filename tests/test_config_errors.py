@@ -53,7 +53,6 @@ def one_error_line(result: Result) -> str:
         ("ENRICH_DB_OUTAGE_SECONDS", "-5", "must be a number of seconds greater than 0"),
         ("ENRICH_LOG_LEVEL", "chatty", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
         ("ENRICH_CALLBACK_BASE_URL", "callbacks-host", "is not an http(s) URL"),
-        ("SUPABASE_URL", "ftp://xyz.supabase.co", "is not an http(s) URL"),
         ("DATABASE_URL", "https://xyz.supabase.co", "postgresql://user:password@host:5432/"),
         ("DATABASE_URL", "just some words", "postgresql://user:password@host:5432/"),
     ],

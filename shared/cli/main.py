@@ -15,7 +15,7 @@ from shared.cli.errors import friendly_errors
 from shared.cli.ops_commands import register_ops_commands
 from shared.cli.run_commands import register_run_commands
 from shared.db.clients import APP_NAME_ENV, app_name, connected_clients, in_use_message
-from shared.db.connect import take_started_clusters
+from shared.db.connect import check_reachable, take_started_clusters
 from shared.db.embedded import EmbeddedPostgres
 from shared.db.migrate import migrate_sync
 from shared.db.migrate import status as migration_status
@@ -89,6 +89,7 @@ def db_up() -> None:
     else:
         shown = settings.database_url_masked or ""
         click.echo("using DATABASE_URL")
+        asyncio.run(check_reachable(dsn))  # one bounded attempt, one message
     applied = migrate_sync(dsn)
     if applied:
         click.echo(f"applied {len(applied)} migration(s): {', '.join(applied)}")
@@ -126,6 +127,7 @@ def db_status() -> None:
         dsn = st.dsn
     else:
         click.echo(f"DATABASE_URL: {settings.database_url_masked}")
+        asyncio.run(check_reachable(dsn))  # one bounded attempt, one message
     report = asyncio.run(migration_status(dsn))
     click.echo(f"migrations applied: {len(report.applied)}")
     for mig in report.pending:
