@@ -9,14 +9,17 @@ version, on a cluster of the test's own).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
+from shared.callbacks.token import load_keys
 from shared.cli.main import main
 from shared.db.embedded import EmbeddedPostgres, version_number
+from shared.errors import ConfigurationError
 from shared.settings import Settings, get_settings
 
 
@@ -112,6 +115,15 @@ def test_an_unusable_enrich_home_is_one_line_naming_it_and_why(
         assert "set ENRICH_HOME to a directory you can write" in line
     assert (tmp_path / "home-is-a-file").read_text() == "keep me\n"  # nothing written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home-is-a-file"]
+
+
+def test_the_callback_key_file_in_an_unusable_enrich_home_is_one_error(tmp_path: Path) -> None:
+    """`enrich run`/`serve` with DATABASE_URL still keep the callback key in ENRICH_HOME."""
+    for home, _reason in _homes(tmp_path):
+        with pytest.raises(ConfigurationError, match=re.escape(f"ENRICH_HOME={home} ")):
+            load_keys(Settings(enrich_home=home))
+    with pytest.raises(ConfigurationError, match=r"its file system .* holds no such file"):
+        load_keys(Settings(enrich_home=Path("/proc/1")))  # as root too: no file made there
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="as root: /sys refuses root too")

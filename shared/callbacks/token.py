@@ -32,7 +32,7 @@ from uuid import UUID
 from pydantic import SecretStr
 
 from shared.errors import ConfigurationError, TerminalError
-from shared.settings import Settings
+from shared.settings import Settings, home_error
 from shared.state_api import TaskRef
 
 VERSION = "v1"
@@ -176,7 +176,10 @@ def load_keys(settings: Settings) -> CallbackKeys:
             raise ConfigurationError(
                 "ENRICH_CALLBACK_SECRET_PREVIOUS is set without ENRICH_CALLBACK_SECRET"
             )
-        current = _key_file(settings.enrich_home / KEY_FILE)
+        try:
+            current = _key_file(settings.enrich_home / KEY_FILE)
+        except OSError as exc:  # ENRICH_HOME is a file, unwritable, on /proc...: say which
+            raise home_error(settings.enrich_home, exc) from None
     return CallbackKeys(current, previous)
 
 
