@@ -74,7 +74,10 @@ def spreadsheet_cell(value: Any) -> str:
     """``csv_cell(value)``, neutralised. Only text can start a formula: a number's text is a
     numeric literal, and a list or object's text starts with its first item, so it is checked
     like any text."""
-    if type(value) in (int, float, bool) or value is None:
+    kind = type(value)
+    if kind is str:  # the common case first: most cells are text
+        return neutralise(value)
+    if kind in (int, float, bool) or value is None:
         return csv_cell(value)
     return neutralise(csv_cell(value))
 

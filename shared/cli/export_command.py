@@ -143,7 +143,7 @@ async def _stream(
     all_columns: bool,
 ) -> ExportReport:
     """Run the rows query through a server-side cursor into the chosen writer."""
-    statement, params = rows_query(plan, status)
+    statement, params = rows_query(plan, status, technical=all_columns)
     big = plan.item_count >= PROGRESS_BAR_ROWS
     bar = console if console is not None and console.is_terminal and big else None
     total = plan.item_count if status == "all" else None

@@ -138,17 +138,21 @@ async def _headers(conn: psycopg.AsyncConnection[Any], params: dict[str, Any]) -
     return found
 
 
-# What the query selects per step, after its status and error (the result, when joined, last).
-STEP_FIELDS = (
+# What the query selects per step after its status and error: why a condition skipped it, then
+# with ``technical`` (--all-columns) these; the result, when joined, comes last. Timestamps cost
+# a parse per row: they are only read when shown.
+STEP_FIELDS = ("{s}.meta ->> 'skipped'",)
+TECHNICAL_FIELDS = (
     "{s}.attempt",
+    "{s}.meta -> 'dispatch' ->> 'call_id'",
     "{s}.started_at",
     "{s}.finished_at",
-    "{s}.meta -> 'dispatch' ->> 'call_id'",
-    "{s}.meta ->> 'skipped'",
 )
 
 
-def rows_query(plan: ExportPlan, status: StatusFilter) -> tuple[sql.Composed, dict[str, Any]]:
+def rows_query(
+    plan: ExportPlan, status: StatusFilter, *, technical: bool = False
+) -> tuple[sql.Composed, dict[str, Any]]:
     """One row per item in input order: raw_data, the item id, then per step see ``StepRow``."""
     params: dict[str, Any] = {"batch_id": plan.batch_id}
     fields: list[sql.Composable] = [sql.SQL("bi.raw_data"), sql.SQL("bi.id")]
@@ -171,7 +175,8 @@ def rows_query(plan: ExportPlan, status: StatusFilter) -> tuple[sql.Composed, di
         fields.append(
             sql.SQL("case when {s}.status = 'FAILED' then {s}.meta ->> 'error' end").format(s=s)
         )
-        fields += [sql.SQL(field).format(s=s) for field in STEP_FIELDS]
+        shown = STEP_FIELDS + (TECHNICAL_FIELDS if technical else ())
+        fields += [sql.SQL(field).format(s=s) for field in shown]
         joins.append(
             sql.SQL(
                 "left join public.workflow_states {s} on {s}.batch_id = bi.batch_id"
@@ -209,25 +214,32 @@ class StepRow(NamedTuple):
 
     status: str | None  # the workflow status, or AWAITING_CALLBACK / SKIPPED
     error: str | None  # a FAILED row's error
-    attempt: int | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    call_id: str | None
     skipped: str | None  # why a condition skipped it
     result: dict[str, Any] | None
+    # Selected only for --all-columns (``technical``): None otherwise.
+    attempt: int | None = None
+    call_id: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
 
 
-def step_rows(plan: ExportPlan, row: Sequence[Any]) -> Iterator[tuple[StepColumns, StepRow]]:
-    """A fetched row's steps, each with its state and result."""
+def step_rows(
+    plan: ExportPlan, row: Sequence[Any], *, technical: bool = False
+) -> Iterator[tuple[StepColumns, StepRow]]:
+    """A fetched row's steps, each with its state and result (``technical`` as in the query)."""
     i = 2
-    width = 2 + len(STEP_FIELDS)
+    extra = len(TECHNICAL_FIELDS) if technical else 0
     for step in plan.steps:
+        status, error, skipped = row[i : i + 3]
+        i += 3
+        more = row[i : i + extra]
+        i += extra
         result: Any = None
         if step.reads_results:
-            result = row[i + width]
+            result = row[i]
+            i += 1
         found = result if isinstance(result, dict) else None
-        yield step, StepRow._make([*row[i : i + width], found])
-        i += width + (1 if step.reads_results else 0)
+        yield step, StepRow(status, error, skipped, found, *more)
 
 
 def row_values(plan: ExportPlan, row: Sequence[Any]) -> list[Any]:

@@ -58,7 +58,8 @@ class Sheet:
         raw: dict[str, Any] = row[0]
         values: list[Any] = [raw.get(key) for key in self.plan.input_keys]
         values.append(str(row[1]))
-        for (_, state), keys in zip(_step_rows(self.plan, row), self.keys, strict=True):
+        states = _step_rows(self.plan, row, technical=self.all_columns)
+        for (_, state), keys in zip(states, self.keys, strict=True):
             values += [status_text(state), " ".join(state.error.split()) if state.error else None]
             found = state.result or {}
             values.extend(found.get(key) for key in keys)
