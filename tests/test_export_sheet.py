@@ -282,6 +282,20 @@ def test_excel_keeps_text_as_text_and_numbers_as_numbers(db: str, tmp_path: Path
     assert again.read_bytes()[:2] == b"PK"  # a zip: a real workbook
 
 
+def test_excel_says_when_a_cell_was_cut_at_its_limit(db: str, tmp_path: Path) -> None:
+    batch_id = create_from_csv(tmp_path, "name\nAcme\n", "step_a")
+    complete_all(db, batch_id, {"essay": "x" * 40_000})
+    out = tmp_path / "out.xlsx"
+
+    result = enrich("export", batch_id, "-o", str(out))
+
+    assert result.exit_code == 0, result.stderr
+    assert "1 cell(s) longer than Excel's 32,767 characters were cut" in result.stderr
+    sheet = openpyxl.load_workbook(out, read_only=True).active
+    assert sheet is not None
+    assert [len(str(v)) for v in next(sheet.iter_rows(min_row=2, values_only=True))][-1] == 32_767
+
+
 @pytest.mark.parametrize(
     ("name", "flags", "message"),
     [
