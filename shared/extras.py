@@ -22,13 +22,15 @@ class MissingExtra(ConfigurationError):
 
 def missing_modules(*modules: str) -> list[str]:
     """The ``modules`` that cannot be imported here, found without importing them (Prefect alone
-    takes seconds to import)."""
+    takes seconds to import). A namespace package does not count: run from the repo's root, its
+    ``supabase/`` folder of SQL would pass for supabase-py."""
     missing = []
     for name in modules:
         try:
-            found = importlib.util.find_spec(name) is not None
+            spec = importlib.util.find_spec(name)
         except (ImportError, ValueError):  # a finder refused it; a half-imported module
-            found = False
+            spec = None
+        found = spec is not None and spec.origin is not None
         if not found:
             missing.append(name)
     return missing

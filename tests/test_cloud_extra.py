@@ -28,7 +28,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from pydantic import SecretStr
 
-from shared.extras import INSTALL_CLOUD, MissingExtra
+from shared.extras import INSTALL_CLOUD, MissingExtra, missing_modules
 from shared.observability import init_observability
 from shared.settings import Settings
 from shared.state_factory import open_state_api
@@ -272,3 +272,12 @@ def test_sentry_without_the_cloud_extra_warns_and_the_work_goes_on(
         f"SENTRY_DSN needs the cloud extra (sentry_sdk is not installed): {INSTALL_CLOUD}; "
         "error reporting stays off"
     ]
+
+
+def test_a_folder_of_the_same_name_is_not_the_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """From the repo's root, ``supabase/`` (SQL) is a namespace package named like supabase-py."""
+    (tmp_path / "enrich_test_sdk").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert missing_modules("enrich_test_sdk", "json") == ["enrich_test_sdk"]
