@@ -150,15 +150,17 @@ def test_the_example_exports_with_its_own_headers_and_readable_cells(
 
 
 def test_the_columns_follow_the_blueprint_not_the_progress(db: str, tmp_path: Path) -> None:
+    # A column empty in every row is in no item's raw_data, but it was in the file.
     batch_id = create_from_csv(
-        tmp_path, "Company Name,Web Site\nAcme Inc,acme.com\n", ",".join(TWO_STEPS)
+        tmp_path, "Company Name,Notes,Web Site\nAcme Inc,,acme.com\n", ",".join(TWO_STEPS)
     )
 
     rows = read_csv(enrich("export", batch_id, "-o", "-").stdout)
 
-    assert rows[0] == ["Company Name", "Web Site", *TWO_STEP_COLUMNS]
-    assert rows[1][:2] + rows[1][3:] == [
+    assert rows[0] == ["Company Name", "Notes", "Web Site", *TWO_STEP_COLUMNS]
+    assert rows[1][:3] + rows[1][4:] == [
         "Acme Inc",
+        "",
         "acme.com",
         "pending",
         "",

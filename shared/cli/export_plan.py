@@ -121,21 +121,34 @@ async def build_plan(
             cur = await conn.execute(_result_keys_query(results_table), params)
             keys = tuple(str(row[0]) for row in await cur.fetchall())
         steps.append(StepColumns(str(step_name), results_table, keys, outputs))
-    headers = await _headers(conn, params) if sheet else {}
+    headers: dict[str, str] = {}
+    if sheet:
+        headers, declared = await _headers(conn, params)
+        # The import drops empty values: a column empty in every row is in no item, yet it was
+        # in the user's file, so a spreadsheet shows it.
+        input_keys = (*declared, *(key for key in input_keys if key not in set(declared)))
     return ExportPlan(batch_id, item_count, input_keys, tuple(steps), headers)
 
 
-async def _headers(conn: psycopg.AsyncConnection[Any], params: dict[str, Any]) -> dict[str, str]:
-    """Input key -> the header it was imported from (the first, should two share a key)."""
+async def _headers(
+    conn: psycopg.AsyncConnection[Any], params: dict[str, Any]
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Input key -> the header it was imported from (the first, should two share a key), and
+    the file's keys in column order; empty for a batch made without an import."""
     cur = await conn.execute(query("export_headers"), params)
     row = await cur.fetchone()
-    columns = row[0] if row is not None else None
+    columns, keys = row if row is not None else (None, None)
     found: dict[str, str] = {}
     if isinstance(columns, dict):
         for header, key in columns.items():
             if isinstance(key, str) and isinstance(header, str) and header.strip():
                 found.setdefault(key, header)
-    return found
+    declared = (
+        tuple(dict.fromkeys(k for k in keys if isinstance(k, str)))
+        if isinstance(keys, list)
+        else ()
+    )
+    return found, declared
 
 
 # What the query selects per step after its status and error: why a condition skipped it, then

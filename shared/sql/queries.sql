@@ -94,9 +94,10 @@ from seen s left join declared d on d.key = s.key
 order by d.ord nulls last, s.first_seq, s.key collate "C";
 
 -- name: export_headers
--- The CSV's own header names, {header: key}, as the import recorded them (null for a batch made
--- by SQL or Studio).
-select meta -> 'source' -> 'columns' from public.batches where id = %(batch_id)s;
+-- The CSV's own header names, {header: key}, and its keys in column order, as the import recorded
+-- them (null for a batch made by SQL or Studio).
+select meta -> 'source' -> 'columns', meta -> 'source' -> 'keys'
+from public.batches where id = %(batch_id)s;
 
 -- name: step_functions
 -- The function the registry runs each step with (the local worker service checks spawns by it).
