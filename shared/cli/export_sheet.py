@@ -1,8 +1,9 @@
 """The columns of a spreadsheet export (CSV and Excel), for the people who open it.
 
-One row per item, in input order: the input columns under the file's own header names (as the
-import recorded them in ``batches.meta.source.columns``; a batch made by SQL or Studio shows its
-``raw_data`` keys), an ``item_id``, then per blueprint step:
+One row per item, in input order: the input columns under the file's own header names, in its
+order, every one of them, even a column empty in every row (as the import recorded them in
+``batches.meta.source``; a batch made by SQL or Studio shows its ``raw_data`` keys), an
+``item_id``, then per blueprint step:
 
 - ``<step>: status``: completed, failed, running, queued, pending, awaiting callback (an ASYNC
   row waiting for its provider), skipped (with the condition's reason), or not reached (the item
