@@ -22,7 +22,14 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from shared.errors import DatabaseUnavailable, EnrichError, InvalidInput, NotFound, QuotaExceeded
+from shared.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    EnrichError,
+    InvalidInput,
+    NotFound,
+    QuotaExceeded,
+)
 from shared.queries import query
 from shared.state_api import (
     STATUSES,
@@ -59,6 +66,14 @@ def translate_db_error(exc: psycopg.Error) -> EnrichError:
         return QuotaExceeded(message)  # 20261201000200_quotas_and_guards.sql
     if exc.sqlstate == "P0002":
         return NotFound(message)
+    if (diag.message_primary or "").startswith("could not load library"):
+        # plpgsql.so: undefined symbol: the server's package was upgraded under it (its running
+        # binary is the old one, the library on disk the new one). Nothing but a restart helps.
+        return ConfigurationError(
+            f"{message}: the PostgreSQL server cannot load its own libraries, as when its package "
+            "is upgraded while it runs; restart it (the private cluster: `enrich db down && "
+            "enrich db up`)"
+        )
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
         # Includes a connection lost to a server restart and the pool's "no connection in time".
         return DatabaseUnavailable(message)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from click.testing import CliRunner, Result
 
@@ -20,6 +23,7 @@ from shared.callbacks.token import load_keys
 from shared.cli.main import main
 from shared.db.embedded import EmbeddedPostgres, version_number
 from shared.errors import ConfigurationError
+from shared.pg_state import translate_db_error
 from shared.settings import Settings, get_settings
 
 
@@ -186,3 +190,24 @@ def test_a_cluster_whose_major_version_is_gone_is_not_restarted(
         cluster.start(repair=True)
     env.undo()
     assert cluster.status().pid == pid and cluster.restarted_because is None
+
+
+async def test_a_library_the_server_cannot_load_says_restart_it(
+    conn: psycopg.AsyncConnection[tuple[object, ...]],
+) -> None:
+    """What every new backend of an upgraded-under-it server hits (plpgsql.so: undefined
+    symbol), made for real with a file that is no library."""
+    folder = Path(tempfile.mkdtemp(prefix="enrlib", dir="/tmp"))
+    try:
+        folder.chmod(0o755)  # the server may run as the postgres OS user
+        lib = folder / "not_a_library.so"
+        lib.write_text("not ELF\n")
+        lib.chmod(0o644)
+        with pytest.raises(psycopg.Error) as raised:
+            await conn.execute(f"load '{lib}'".encode())
+    finally:
+        shutil.rmtree(folder)
+    error = translate_db_error(raised.value)
+    assert isinstance(error, ConfigurationError)
+    assert str(error).startswith(f'could not load library "{lib}"')
+    assert "restart it (the private cluster: `enrich db down && enrich db up`)" in str(error)
