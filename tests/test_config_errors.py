@@ -121,6 +121,19 @@ def test_an_unusable_enrich_home_is_one_line_naming_it_and_why(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home-is-a-file"]
 
 
+def test_dev_up_with_database_url_and_an_unusable_enrich_home_is_one_line(
+    env: pytest.MonkeyPatch, tmp_path: Path, dsn: str
+) -> None:
+    """With DATABASE_URL set no cluster checks ENRICH_HOME: dev/'s own creation must."""
+    env.setenv("DATABASE_URL", dsn)
+    for home, reason in _homes(tmp_path)[:2]:
+        env.setenv("ENRICH_HOME", str(home))
+        get_settings.cache_clear()
+        line = one_error_line(enrich("dev", "up", "--no-ui"))
+        assert f"ENRICH_HOME={home} cannot be used: {reason}" in line
+    assert (tmp_path / "home-is-a-file").read_text() == "keep me\n"
+
+
 def test_the_callback_key_file_in_an_unusable_enrich_home_is_one_error(tmp_path: Path) -> None:
     """`enrich run`/`serve` with DATABASE_URL still keep the callback key in ENRICH_HOME."""
     for home, _reason in _homes(tmp_path):

@@ -62,7 +62,7 @@ from shared.db.embedded import EmbeddedPostgres
 from shared.db.migrate import migrate
 from shared.errors import EnrichError
 from shared.extras import require_cloud
-from shared.settings import Settings, get_settings, mask_dsn
+from shared.settings import Settings, ensure_home, get_settings, home_error, mask_dsn
 
 HOST = "127.0.0.1"
 DEV_DIR = "dev"
@@ -131,8 +131,12 @@ class Layout:
 
     def ensure_dir(self) -> None:
         """``dev/``, private (0700) even when an earlier version made it world-readable."""
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        ensure_home(self.home)  # with DATABASE_URL set nothing else checked ENRICH_HOME
+        try:
+            self.dir.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(self.dir, 0o700)
+        except OSError as exc:
+            raise home_error(self.home, exc) from None
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
