@@ -142,6 +142,15 @@ def dsn(pg_server: PgServer, template_db: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def db(dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Point the CLI (``DATABASE_URL``, settings re-read) at this test's database."""
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    get_settings.cache_clear()
+    yield dsn
+    get_settings.cache_clear()
+
+
+@pytest.fixture
 def empty_dsn(pg_server: PgServer) -> Iterator[str]:
     """A fresh database with nothing in it (no migrations)."""
     name = f"e_{uuid.uuid4().hex}"

@@ -454,14 +454,6 @@ async def check_rows(conn: Conn, batch_id: UUID, by_name: dict[str, dict[str, An
 # enrich run: the preflight, before anything is written ----------------------------------------
 
 
-@pytest.fixture
-def db(dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("DATABASE_URL", dsn)
-    get_settings.cache_clear()
-    yield dsn
-    get_settings.cache_clear()
-
-
 def enrich(*args: str) -> Result:
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
 
@@ -12,7 +11,6 @@ import pytest
 from click.testing import CliRunner, Result
 
 from shared.cli.main import main
-from shared.settings import get_settings
 
 CSV = (
     "Company Name,Website URL,Funding Stage\n"
@@ -20,15 +18,6 @@ CSV = (
     "Beta Labs,beta.io,\n"
     "Gamma,gamma.co,Series A\n"
 )
-
-
-@pytest.fixture
-def db(dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Point the CLI at this test's database."""
-    monkeypatch.setenv("DATABASE_URL", dsn)
-    get_settings.cache_clear()
-    yield dsn
-    get_settings.cache_clear()
 
 
 @pytest.fixture

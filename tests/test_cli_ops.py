@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,6 @@ from click.testing import CliRunner, Result
 
 from shared.cli.main import main
 from shared.pg_state import PgStateAPI
-from shared.settings import get_settings
 from shared.state_api import StepFailure, StepResult, TaskRef
 
 MISSING = "00000000-0000-4000-8000-00000000dead"
@@ -130,15 +129,6 @@ def csv_rows(ids: Sequence[UUID]) -> list[list[str]]:
 class Seeded:
     batch_id: UUID
     item_ids: list[UUID]  # input order
-
-
-@pytest.fixture
-def db(dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Point the CLI at this test's database."""
-    monkeypatch.setenv("DATABASE_URL", dsn)
-    get_settings.cache_clear()
-    yield dsn
-    get_settings.cache_clear()
 
 
 def enrich(*args: str) -> Result:

@@ -13,7 +13,7 @@ from shared.cli.logs import configure_cli_logging
 from shared.cli.text import visible
 from shared.pg_state import PgStateAPI
 from shared.state_api import StepFailure
-from tests.test_cli_batch import db, enrich  # noqa: F401  (db is a fixture)
+from tests.test_cli_batch import enrich
 
 ESCAPE = "\x1b[2J"  # clears the screen when printed raw
 
@@ -33,7 +33,7 @@ def test_visible(raw: str, shown: str) -> None:
     assert visible(raw) == shown
 
 
-def test_a_name_and_headers_are_printed_as_typed(db: str, tmp_path: Path) -> None:  # noqa: F811
+def test_a_name_and_headers_are_printed_as_typed(db: str, tmp_path: Path) -> None:
     path = tmp_path / "[red]file.csv"
     path.write_text("[bold]Company Name,Website\nAcme,acme.com\n", encoding="utf-8")
     created = enrich(
@@ -60,7 +60,7 @@ def _fail_every_row(dsn: str, batch_id: UUID, error: str) -> None:
 
 
 def test_step_errors_in_the_run_summary_are_printed_as_typed(
-    db: str,  # noqa: F811
+    db: str,
     tmp_path: Path,
 ) -> None:
     # A provider's error text is not markup: "[/x]" made Rich raise MarkupError (a traceback).
@@ -78,7 +78,7 @@ def test_step_errors_in_the_run_summary_are_printed_as_typed(
     assert ESCAPE not in resumed.output
 
 
-def test_retry_of_a_step_shows_its_name_as_typed(db: str, tmp_path: Path) -> None:  # noqa: F811
+def test_retry_of_a_step_shows_its_name_as_typed(db: str, tmp_path: Path) -> None:
     path = tmp_path / "companies.csv"
     path.write_text("name,website\nAcme,acme.com\n", encoding="utf-8")
     created = enrich("batch", "create", str(path), "--steps", "normalize_domain")
@@ -92,7 +92,7 @@ def test_retry_of_a_step_shows_its_name_as_typed(db: str, tmp_path: Path) -> Non
 
 
 def test_an_error_naming_a_file_shows_the_name_as_typed(
-    db: str,  # noqa: F811
+    db: str,
     tmp_path: Path,
 ) -> None:
     path = tmp_path / f"bad{ESCAPE}[red].csv"

@@ -34,7 +34,6 @@ from shared.providers.exa import (
     settings_from_config,
 )
 from shared.providers.exa_standin import results_for, slug
-from shared.settings import get_settings
 from shared.state_api import Cost
 from shared.steps import HANDLERS, PREFLIGHTS, StepContext
 from shared.steps.exa_verify import exa_verify, registrable_domain
@@ -619,14 +618,6 @@ def test_a_rate_limited_standin_sends_retry_after() -> None:
 
 
 # enrich run: the preflight, and the stand-in end to end ------------------------------------------
-
-
-@pytest.fixture
-def db(dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("DATABASE_URL", dsn)
-    get_settings.cache_clear()
-    yield dsn
-    get_settings.cache_clear()
 
 
 def enrich(*args: str) -> Result:

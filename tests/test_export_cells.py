@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 from uuid import UUID
 
@@ -23,7 +22,6 @@ from click.testing import CliRunner, Result
 from shared.cli.export_cells import neutralise
 from shared.cli.main import main
 from shared.pg_state import PgStateAPI
-from shared.settings import get_settings
 from shared.state_api import StepResult
 
 # Input column -> value, each a way into a formula or a look-alike that must stay as it is.
@@ -63,14 +61,6 @@ EXPECTED = {
     "step_a: label": "'-neg",
 }
 UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-@pytest.fixture
-def db(dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("DATABASE_URL", dsn)
-    get_settings.cache_clear()
-    yield dsn
-    get_settings.cache_clear()
 
 
 def enrich(*args: str) -> Result:

@@ -9,42 +9,26 @@ stays text. A name and a format that disagree are refused; a symbolic link is ne
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import json
 import os
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import openpyxl
 import pytest
-from click.testing import CliRunner, Result
 
 from shared.cli import export_command, export_writers
 from shared.cli.export_cells import csv_cell
-from shared.cli.main import main
 from shared.pg_state import PgStateAPI
-from shared.settings import get_settings
 from shared.state_api import StepResult, TaskRef
 from shared.step_outputs import CLAY_FIELDS, OUTPUTS
+from tests.test_cli_batch import enrich
+from tests.test_e2e_local import ENRICH, EXAMPLE_CSV, REPO
+from tests.test_e2e_local import HEADER as EXAMPLE_HEADER
+from tests.test_export_cells import read_csv
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_CSV = REPO / "examples" / "companies.csv"
-ENRICH = Path(sys.executable).parent / "enrich"
-EXAMPLE_HEADER = [
-    "Company Name",
-    "Website",
-    "LinkedIn URL",
-    "Country",
-    "City",
-    "Employees",
-    "Industry",
-    "Contact Email",
-]
 TWO_STEPS = ["normalize_domain", "clean_company_name"]
 TWO_STEP_COLUMNS = [
     "item_id",
@@ -56,22 +40,6 @@ TWO_STEP_COLUMNS = [
     "clean_company_name: name",
     "clean_company_name: removed",
 ]
-
-
-@pytest.fixture
-def db(dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("DATABASE_URL", dsn)
-    get_settings.cache_clear()
-    yield dsn
-    get_settings.cache_clear()
-
-
-def enrich(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def read_csv(text: str) -> list[list[str]]:
-    return list(csv.reader(io.StringIO(text, newline="")))
 
 
 def create_from_csv(tmp_path: Path, text: str, steps: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ from shared.importer import (
     suggest_columns,
     unfed_steps,
 )
-from shared.settings import get_settings
 from shared.steps import HANDLERS, INPUTS
 from tests.test_cli_batch import table_counts
 from tests.test_importer import counts, items, write
@@ -312,14 +310,6 @@ async def test_rows_merged_by_a_quote_that_closes_later_are_warned_about(
 
 
 # The CLI ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def db(dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("DATABASE_URL", dsn)
-    get_settings.cache_clear()
-    yield dsn
-    get_settings.cache_clear()
 
 
 def enrich(*args: str, stdin: bytes | None = None) -> Result:

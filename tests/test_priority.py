@@ -4,7 +4,6 @@ may also change it on their own batches. What it does at claim time: contract/te
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -13,17 +12,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from shared.cli.main import main
-from shared.settings import get_settings
 from tests.contract import Conn
 from tests.test_rls import CLIENT_A, CLIENT_B, app_metadata_claims, as_role
-
-
-@pytest.fixture
-def db(dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("DATABASE_URL", dsn)
-    get_settings.cache_clear()
-    yield dsn
-    get_settings.cache_clear()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import asyncio
 import csv
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -26,7 +25,6 @@ from shared.cli.batch_commands import print_progress
 from shared.cli.main import main
 from shared.pg_state import PgStateAPI
 from shared.providers.exa import DEFAULT_BASE_URL
-from shared.settings import get_settings
 from shared.worker import run_chunk
 from tests.contract import batch_row, configure_step, fetch, fetch_one, states, tasks
 from tests.test_exa_verify import KEY, REPO, standin, stats
@@ -369,14 +367,6 @@ async def test_bad_cache_and_condition_configs(
 
 
 # enrich run, twice, against the stand-in ------------------------------------------------------
-
-
-@pytest.fixture
-def db(dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("DATABASE_URL", dsn)
-    get_settings.cache_clear()
-    yield dsn
-    get_settings.cache_clear()
 
 
 def test_running_the_same_csv_again_costs_no_call(
