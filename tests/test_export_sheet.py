@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -25,7 +23,7 @@ from shared.pg_state import PgStateAPI
 from shared.state_api import StepResult, TaskRef
 from shared.step_outputs import CLAY_FIELDS, OUTPUTS
 from tests.test_cli_batch import enrich
-from tests.test_e2e_local import ENRICH, EXAMPLE_CSV, REPO
+from tests.test_e2e_local import EXAMPLE_CSV, enrich_run
 from tests.test_e2e_local import HEADER as EXAMPLE_HEADER
 from tests.test_export_cells import read_csv
 
@@ -71,17 +69,7 @@ def complete_all(dsn: str, batch_id: str, result: dict[str, Any]) -> list[TaskRe
 def test_the_example_exports_with_its_own_headers_and_readable_cells(
     db: str, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "DATABASE_URL": db}
-    env.pop("ENRICH_STEP_MODULES", None)
-    run = subprocess.run(
-        [str(ENRICH), "run", str(EXAMPLE_CSV), "--steps", ",".join(TWO_STEPS)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    run = enrich_run(db, str(EXAMPLE_CSV), "--steps", ",".join(TWO_STEPS))
     assert run.returncode == 0, run.stderr
     batch_id = run.stdout.strip()
     out = tmp_path / "companies-enriched.csv"
