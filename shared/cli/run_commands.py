@@ -303,6 +303,89 @@ async def _top_errors(dsn: str, batch_id: UUID) -> list[dict[str, Any]]:
         return []
 
 
+def _check_run_arguments(
+    file: Path | None,
+    steps: str | None,
+    batch_id: UUID | None,
+    *,
+    no_cache: bool,
+    priority: int,
+    import_options: bool,
+) -> None:
+    """A new batch (FILE and --steps) or a resumed one (--batch), with only the options that fit."""
+    if (file is None) == (batch_id is None):
+        raise click.UsageError("give either FILE.csv with --steps, or --batch ID to resume")
+    if file is not None and not steps:
+        raise click.UsageError("--steps is required with FILE.csv (e.g. --steps normalize_domain)")
+    if batch_id is None:
+        return
+    if steps:
+        raise click.UsageError("--steps belongs to a new batch; --batch resumes with its own")
+    if no_cache:
+        raise click.UsageError("--no-cache belongs to a new batch")
+    if priority:
+        raise click.UsageError("--priority belongs to a new batch")
+    if import_options:
+        raise click.UsageError("--delimiter, --no-header and --columns belong to a new batch")
+
+
+def _report_outcome(
+    err: Console, target: UUID, outcome: RunOutcome, errors: list[dict[str, Any]]
+) -> None:
+    """The run's last lines, the batch id on stdout and the documented exit code."""
+    resume = f"resume with: enrich run --batch {target}"
+    if outcome.gone is not None:
+        err.print(
+            Text.assemble(
+                ("error: ", "bold red"), f"{_one_line(outcome.gone)}; nothing is lost, {resume}"
+            )
+        )
+        click.echo(str(target))
+        sys.exit(EXIT_DATABASE_GONE)
+    progress, interrupted, seconds = outcome.progress, outcome.interrupted, outcome.seconds
+    if progress is None:
+        err.print(Text.assemble(("stopped ", "yellow"), "(the database did not answer). ", resume))
+        click.echo(str(target))
+        sys.exit(EXIT_INTERRUPTED)
+    print_progress(err, progress)
+    done = progress.items_completed + progress.items_failed
+    rate = sum(c["COMPLETED"] for c in progress.steps.values()) / seconds if seconds > 0 else 0.0
+    err.print(
+        f"{done:,}/{progress.items:,} items finished in {format_duration(seconds)} "
+        f"({rate:,.0f} steps/s)"
+    )
+    if outcome.paused:
+        err.print(
+            Text.assemble(("paused: ", "bold yellow"), progress.cost.paused_reason or "budget")
+        )
+        err.print(
+            f"raise the budget and resume with: enrich batch budget {target} --usd N && "
+            f"enrich run --batch {target}   (or: enrich run --batch {target} --budget-usd N)"
+        )
+        click.echo(str(target))
+        sys.exit(EXIT_PAUSED)
+    if interrupted:
+        err.print(Text.assemble(("stopped. ", "yellow"), resume))
+        click.echo(str(target))
+        sys.exit(EXIT_INTERRUPTED)
+    if progress.items_failed:
+        err.print(
+            Text(f"{progress.items_failed:,} item(s) failed. Most common errors:", style="red")
+        )
+        for row in errors:
+            err.print(literal(f"  {row['n']:>6,} x {row['step_name']}: {row['error']}"))
+        err.print(
+            f"retry them with: enrich retry {target} && enrich run --batch {target}\n"
+            f"export results with: enrich export {target} -o results.csv"
+        )
+        click.echo(str(target))
+        sys.exit(EXIT_FAILED_ITEMS)
+    err.print(
+        Text.assemble(("done. ", "green"), f"export with: enrich export {target} -o results.csv")
+    )
+    click.echo(str(target))
+
+
 @click.command("run")
 @click.argument(
     "file", required=False, type=click.Path(dir_okay=False, allow_dash=True, path_type=Path)
@@ -361,18 +444,14 @@ def run(
     No configuration needed: without DATABASE_URL a private PostgreSQL is started. Resume a
     stopped batch with --batch ID. Exits 0 when every item completed, 3 when some failed.
     """
-    if (file is None) == (batch_id is None):
-        raise click.UsageError("give either FILE.csv with --steps, or --batch ID to resume")
-    if file is not None and not steps:
-        raise click.UsageError("--steps is required with FILE.csv (e.g. --steps normalize_domain)")
-    if batch_id is not None and steps:
-        raise click.UsageError("--steps belongs to a new batch; --batch resumes with its own")
-    if batch_id is not None and no_cache:
-        raise click.UsageError("--no-cache belongs to a new batch")
-    if batch_id is not None and priority:
-        raise click.UsageError("--priority belongs to a new batch")
-    if batch_id is not None and (delimiter or no_header or columns):
-        raise click.UsageError("--delimiter, --no-header and --columns belong to a new batch")
+    _check_run_arguments(
+        file,
+        steps,
+        batch_id,
+        no_cache=no_cache,
+        priority=priority,
+        import_options=bool(delimiter or no_header or columns),
+    )
     sep, columns = import_source(file, delimiter, no_header, columns) if file else (None, None)
     settings = get_settings()
     err = _stderr()
@@ -435,58 +514,7 @@ def run(
         errors = await _top_errors(dsn, target) if failed else []
         return target, outcome, errors
 
-    target, outcome, errors = _run(go)
-    resume = f"resume with: enrich run --batch {target}"
-    if outcome.gone is not None:
-        err.print(
-            Text.assemble(
-                ("error: ", "bold red"), f"{_one_line(outcome.gone)}; nothing is lost, {resume}"
-            )
-        )
-        click.echo(str(target))
-        sys.exit(EXIT_DATABASE_GONE)
-    progress, interrupted, seconds = outcome.progress, outcome.interrupted, outcome.seconds
-    if progress is None:
-        err.print(Text.assemble(("stopped ", "yellow"), "(the database did not answer). ", resume))
-        click.echo(str(target))
-        sys.exit(EXIT_INTERRUPTED)
-    print_progress(err, progress)
-    done = progress.items_completed + progress.items_failed
-    rate = sum(c["COMPLETED"] for c in progress.steps.values()) / seconds if seconds > 0 else 0.0
-    err.print(
-        f"{done:,}/{progress.items:,} items finished in {format_duration(seconds)} "
-        f"({rate:,.0f} steps/s)"
-    )
-    if outcome.paused:
-        err.print(
-            Text.assemble(("paused: ", "bold yellow"), progress.cost.paused_reason or "budget")
-        )
-        err.print(
-            f"raise the budget and resume with: enrich batch budget {target} --usd N && "
-            f"enrich run --batch {target}   (or: enrich run --batch {target} --budget-usd N)"
-        )
-        click.echo(str(target))
-        sys.exit(EXIT_PAUSED)
-    if interrupted:
-        err.print(Text.assemble(("stopped. ", "yellow"), resume))
-        click.echo(str(target))
-        sys.exit(EXIT_INTERRUPTED)
-    if progress.items_failed:
-        err.print(
-            Text(f"{progress.items_failed:,} item(s) failed. Most common errors:", style="red")
-        )
-        for row in errors:
-            err.print(literal(f"  {row['n']:>6,} x {row['step_name']}: {row['error']}"))
-        err.print(
-            f"retry them with: enrich retry {target} && enrich run --batch {target}\n"
-            f"export results with: enrich export {target} -o results.csv"
-        )
-        click.echo(str(target))
-        sys.exit(EXIT_FAILED_ITEMS)
-    err.print(
-        Text.assemble(("done. ", "green"), f"export with: enrich export {target} -o results.csv")
-    )
-    click.echo(str(target))
+    _report_outcome(err, *_run(go))
 
 
 @click.command("serve")
