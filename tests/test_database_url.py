@@ -112,3 +112,24 @@ async def test_resolve_dsn_checks_an_external_database_url_first(
 
 async def test_a_reachable_database_url_passes(dsn: str) -> None:
     await connect.check_reachable(dsn)
+
+
+async def test_a_database_url_is_probed_once_per_process(
+    monkeypatch: pytest.MonkeyPatch, dsn: str
+) -> None:
+    """The local worker service resolves per spawn: one probe connection, not one per spawn."""
+    probes: list[str] = []
+    real = connect.check_reachable
+
+    async def counting(url: str) -> None:
+        probes.append(url)
+        await real(url)
+
+    monkeypatch.setattr(connect, "check_reachable", counting)
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    get_settings.cache_clear()
+    try:
+        assert [await connect.resolve_dsn() for _ in range(3)] == [dsn] * 3
+    finally:
+        get_settings.cache_clear()
+    assert probes == [dsn]

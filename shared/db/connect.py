@@ -22,6 +22,11 @@ from shared.settings import DATABASE_URL_HINT, Settings, get_settings, mask_dsn
 CONNECT_TIMEOUT_S = 3
 PROBE_DEADLINE_S = 4.0
 
+# The DATABASE_URLs this process reached once: a long-lived caller (the local worker service
+# resolves per spawn, a served conductor per flow run) pays the probe's connection only the first
+# time; a later outage is its pool's to ride out, as before the probe existed.
+_reached: set[str] = set()
+
 # The private clusters ``resolve_dsn`` started in this process (the CLI says at the end of a
 # command that one it started is still running).
 _started: list[EmbeddedPostgres] = []
@@ -44,7 +49,9 @@ async def resolve_dsn(settings: Settings | None = None) -> str:
     cfg = settings or get_settings()
     external = cfg.database_dsn
     if external is not None:
-        await check_reachable(external)
+        if external not in _reached:
+            await check_reachable(external)
+            _reached.add(external)
         return external
     cluster = EmbeddedPostgres(settings=cfg)
     dsn = await asyncio.to_thread(cluster.start)
