@@ -155,12 +155,8 @@ class Settings(BaseSettings):
         # Providers POST to <this>/callbacks/...: anything but an http(s) URL fails only later,
         # on every ASYNC item, at the provider's end.
         if value:
-            try:
-                parts = urlsplit(value)
-                ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
-            except ValueError:
-                ok = False
-            if not ok:
+            scheme, host = _scheme_and_host(value)
+            if not host or scheme not in ("https", "http"):
                 raise ValueError(
                     "is not an http(s) URL: give where providers reach the callback receiver, "
                     "e.g. https://callbacks.example.com"
@@ -246,11 +242,7 @@ def require_https(url: str, name: str) -> str:
     a webhook URL that is itself a secret): over plain http they could be read on the way. The
     ConfigurationError names the variable, never the value (it may be the credential).
     """
-    try:
-        parts = urlsplit(url)
-        scheme, host = parts.scheme.lower(), parts.hostname
-    except ValueError:  # a malformed IPv6 host, say
-        scheme, host = "", None
+    scheme, host = _scheme_and_host(url)
     if not host or scheme not in ("https", "http"):
         raise ConfigurationError(f"{name} is not an http(s) URL")
     if scheme == "http" and host not in LOCAL_HOSTS:
@@ -260,6 +252,15 @@ def require_https(url: str, name: str) -> str:
             "unencrypted)"
         )
     return url
+
+
+def _scheme_and_host(url: str) -> tuple[str, str | None]:
+    """``url``'s scheme (lower case) and host; ``("", None)`` when it does not parse."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme.lower(), parts.hostname
+    except ValueError:  # a malformed IPv6 host, say
+        return "", None
 
 
 def mask_dsn(dsn: str) -> str:
