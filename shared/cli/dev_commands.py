@@ -62,6 +62,7 @@ from shared.db.embedded import EmbeddedPostgres
 from shared.db.migrate import migrate
 from shared.errors import EnrichError
 from shared.extras import require_cloud
+from shared.private_files import write_private_file
 from shared.settings import Settings, ensure_home, get_settings, home_error, mask_dsn
 
 HOST = "127.0.0.1"
@@ -208,17 +209,7 @@ class DevState:
             "ui": self.ui,
             "workers_token": self.workers_token,
         }
-        tmp = layout.state_file.with_suffix(".tmp")
-        write_private(tmp, json.dumps(data, indent=2) + "\n")
-        tmp.replace(layout.state_file)
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``path`` with mode 0600 (also when it existed with a wider mode)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with open(fd, "w") as fh:
-        os.fchmod(fd, 0o600)
-        fh.write(text)
+        write_private_file(layout.state_file, json.dumps(data, indent=2) + "\n")
 
 
 # Processes --------------------------------------------------------------------------------------
@@ -296,7 +287,7 @@ def start_process(
             cwd=layout.dir,
             start_new_session=True,
         )
-    write_private(layout.pid_file(part), f"{proc.pid}\n")
+    write_private_file(layout.pid_file(part), f"{proc.pid}\n")
     return proc
 
 

@@ -42,6 +42,7 @@ import psycopg
 from psycopg import sql
 
 from shared.errors import EmbeddedPostgresError
+from shared.private_files import write_private_file
 from shared.settings import Settings, ensure_home, get_settings, home_error
 
 DEFAULT_DATABASE = "enrich"
@@ -254,7 +255,7 @@ class EmbeddedPostgres:
             if not self._is_running():
                 return False
             # Written first: a client sees its connection end only after this is on disk.
-            _write_private_file(self.stop_note, by, None)
+            write_private_file(self.stop_note, by, None)
             try:
                 self._pg_ctl_stop()
             except BaseException:
@@ -428,7 +429,7 @@ class EmbeddedPostgres:
                     continue
             except OSError:
                 pass
-            _write_private_file(path, text, owner)
+            write_private_file(path, text, owner)
             changed = True
         return changed
 
@@ -630,19 +631,6 @@ def _take_private_dir(path: Path, owner: pwd.struct_passwd | None) -> None:
         os.fchmod(fd, 0o700)
     finally:
         os.close(fd)
-
-
-def _write_private_file(path: Path, text: str, owner: pwd.struct_passwd | None) -> None:
-    """Replace ``path`` atomically with ``text``, mode 0600, owned by the cluster's owner."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        if owner is not None:
-            os.fchown(fd, owner.pw_uid, owner.pw_gid)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _user_name(uid: int) -> str:
