@@ -9,6 +9,7 @@ from uuid import UUID
 
 import pytest
 
+from shared.cli.batch_commands import _stderr, _stdout
 from shared.cli.logs import configure_cli_logging
 from shared.cli.text import visible
 from shared.pg_state import PgStateAPI
@@ -122,3 +123,13 @@ def test_log_lines_show_controls_as_typed(capsys: pytest.CaptureFixture[str]) ->
     err = capsys.readouterr().err
     assert "warning: step failed: bad\\x1b[2J" in err
     assert ESCAPE not in err
+
+
+def test_the_cli_consoles_print_strings_as_typed(capsys: pytest.CaptureFixture[str]) -> None:
+    # Whatever a future message embeds, a plain string is never Rich markup.
+    _stderr().print("step_a: HTTP 502 [/x] [red]boom")
+    _stdout().print("[bold]name")
+
+    captured = capsys.readouterr()
+    assert "step_a: HTTP 502 [/x] [red]boom" in captured.err
+    assert "[bold]name" in captured.out

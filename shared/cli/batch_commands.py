@@ -77,12 +77,14 @@ limit %(limit)s
 """
 
 
+# markup=False: styles come from Text objects only, so a string holding a user's text (a step's
+# error, a file name) is never parsed as Rich markup ("[/x]" would raise MarkupError).
 def _stderr() -> Console:
-    return _uncut(Console(stderr=True, highlight=False, soft_wrap=True))
+    return _uncut(Console(stderr=True, highlight=False, soft_wrap=True, markup=False))
 
 
 def _stdout() -> Console:
-    return _uncut(Console(highlight=False))
+    return _uncut(Console(highlight=False, markup=False))
 
 
 def _uncut(console: Console) -> Console:
