@@ -71,9 +71,14 @@ def choose_format(output: str, fmt: Format | None, *, excel: bool, all_columns: 
         shown = "stdout" if output == "-" else output
         raise InvalidInput(
             f"an Excel workbook is written to a file named .xlsx, not {shown}: "
-            "give -o NAME.xlsx (or leave out --excel for CSV)"
+            "give -o NAME.xlsx (or leave out --excel / --format xlsx for CSV)"
         )
-    if chosen != "xlsx" and name.endswith((".xlsx", ".xls")):
+    if name.endswith(".xls"):
+        raise InvalidInput(
+            f"{output} is a spreadsheet's name of the old .xls kind, which enrich does not "
+            "write: name it .xlsx for an Excel workbook (or .csv for CSV text)"
+        )
+    if chosen != "xlsx" and name.endswith(".xlsx"):
         raise InvalidInput(
             f"{output} is a spreadsheet's name but --format {chosen} writes {chosen.upper()} "
             "text: leave out --format to write an .xlsx workbook, or name the file ."
